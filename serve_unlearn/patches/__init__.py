@@ -1,0 +1,22 @@
+"""Weight patches: the format, apply / revert / stack, and checkpoint folders patched on disk."""
+
+from ..errors import PatchFormatError, PatchMismatchError, PatchStateError
+from .apply import apply_patch, revert_patch, stack_patches
+from .fingerprint import base_fingerprint, tensor_digest
+from .format import FORMAT_VERSION, PatchEntry, WeightPatch
+from .materialize import materialize
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PatchEntry",
+    "PatchFormatError",
+    "PatchMismatchError",
+    "PatchStateError",
+    "WeightPatch",
+    "apply_patch",
+    "base_fingerprint",
+    "materialize",
+    "revert_patch",
+    "stack_patches",
+    "tensor_digest",
+]

@@ -1,0 +1,252 @@
+"""Apply, revert and stack weight patches on live models and state dicts.
+
+Apply is all or nothing: every tensor is checked (present, shape, dtype, base digest) before the first write,
+and a failure during the writes puts back what was already written. Each apply returns an *undo patch* (the
+same positions, holding the base values, ``replace`` mode), so revert is simply applying the undo: bit-exact
+whatever the mode, and the undo can be saved beside a checkpoint folder to revert it on disk later.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Literal, Union
+
+import torch
+from torch import nn
+
+from ..errors import PatchMismatchError, PatchStateError
+from ..kernels import pack_mask, unpack_mask
+from .fingerprint import tensor_digest
+from .format import PatchEntry, WeightPatch, dtype_name
+
+PatchLike = Union[WeightPatch, str, os.PathLike]
+Target = Union[nn.Module, MutableMapping[str, torch.Tensor]]
+Overlap = Literal["last", "error"]
+
+
+
+class _UndoStore:
+    """Undo entries of live applications, per tensor object, so a revert in the same process needs no file.
+
+    Keyed by ``id(tensor)`` with a finalizer (tensors compare element-wise, so they cannot be dict keys).
+    """
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, dict[str, PatchEntry]] = {}
+
+    def put(self, tensor: torch.Tensor, patch_id: str, entry: PatchEntry) -> None:
+        key = id(tensor)
+        if key not in self._by_id:
+            self._by_id[key] = {}
+            weakref.finalize(tensor, self._by_id.pop, key, None)
+        self._by_id[key][patch_id] = entry
+
+    def get(self, tensor: torch.Tensor, patch_id: str) -> PatchEntry | None:
+        return self._by_id.get(id(tensor), {}).get(patch_id)
+
+    def pop(self, tensor: torch.Tensor, patch_id: str) -> None:
+        self._by_id.get(id(tensor), {}).pop(patch_id, None)
+
+
+_UNDO = _UndoStore()
+
+
+def as_patch(patch: PatchLike) -> WeightPatch:
+    return patch if isinstance(patch, WeightPatch) else WeightPatch.load(patch)
+
+
+def target_tensors(target: Target) -> dict[str, torch.Tensor]:
+    """Name -> tensor, with HF/diffusers checkpoint key names for modules (parameters and buffers)."""
+    if isinstance(target, nn.Module):
+        return dict(target.state_dict(keep_vars=True))
+    if isinstance(target, Mapping):
+        return dict(target)
+    raise TypeError(f"expected an nn.Module or a state dict, got {type(target).__name__}")
+
+
+def _check_fits(name: str, entry: PatchEntry, tensors: Mapping[str, torch.Tensor], patch: WeightPatch) -> torch.Tensor:
+    if name not in tensors:
+        sample = ", ".join(list(tensors)[:3])
+        raise PatchMismatchError(
+            f"patch tensor {name!r} is not in the model (key convention {patch.metadata.get('key_convention')!r}; "
+            f"the model has e.g. {sample}): apply the patch to the model it was made for"
+        )
+    t = tensors[name]
+    if tuple(t.shape) != entry.shape:
+        raise PatchMismatchError(
+            f"tensor {name!r} has shape {tuple(t.shape)} but the patch was made for {entry.shape}: "
+            "this is another model architecture"
+        )
+    if t.dtype != entry.dtype:
+        raise PatchMismatchError(
+            f"tensor {name!r} is {dtype_name(t.dtype)} but the patch was made for {dtype_name(entry.dtype)}: "
+            f"load the model with dtype={dtype_name(entry.dtype)}"
+        )
+    return t
+
+
+def _unique_storage(names: Sequence[str], tensors: Mapping[str, torch.Tensor], patch: WeightPatch) -> list[str]:
+    """Tied weights appear under two names; write them once (and refuse two different edits of one tensor)."""
+    seen: dict[tuple[int, int], str] = {}
+    keep = []
+    for name in names:
+        t = tensors[name]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            first = seen[key]
+            a, b = patch.entries[first], patch.entries[name]
+            if a.patched_digest != b.patched_digest or a.base_digest != b.base_digest:
+                raise PatchMismatchError(f"{first!r} and {name!r} are one tied tensor but the patch edits them differently")
+            continue
+        seen[key] = name
+        keep.append(name)
+    return keep
+
+
+def apply_patch(target: Target, patch: PatchLike, *, verify: bool = True) -> WeightPatch:
+    """Apply ``patch`` to a module or state dict in place and return its undo patch.
+
+    Raises :class:`PatchMismatchError` (naming the first tensor that differs) if the model is not the base the
+    patch was made for, and :class:`PatchStateError` if it is already patched; in both cases nothing changed.
+    """
+    return _apply(target, patch, verify=verify, record=True)
+
+
+def _apply(target: Target, patch: PatchLike, *, verify: bool, record: bool) -> WeightPatch:
+    patch = as_patch(patch)
+    tensors = target_tensors(target)
+    names = patch.tensor_names
+    for name in names:
+        entry = patch.entries[name]
+        t = _check_fits(name, entry, tensors, patch)
+        if verify:
+            digest = tensor_digest(t)
+            if digest != entry.base_digest:
+                if digest == entry.patched_digest:
+                    raise PatchStateError(f"tensor {name!r} already holds this patch's values: it is already applied")
+                raise PatchMismatchError(
+                    f"tensor {name!r} differs from the base this patch was made for (patch base fingerprint "
+                    f"{patch.fingerprint[:12]}): apply it to that base model, or recompute the patch on this one"
+                )
+    names = _unique_storage(names, tensors, patch)
+
+    undo: dict[str, PatchEntry] = {}
+    written: list[str] = []
+    try:
+        for name in names:
+            entry, t = patch.entries[name], tensors[name]
+            before = entry.read_from(t)
+            entry.write_into(t.data, patch.mode)
+            undo[name] = PatchEntry(entry.shape, entry.dtype, entry.form, before, base_digest=None,
+                                    patched_digest=entry.base_digest, mask=entry.mask)
+            written.append(name)
+    except BaseException:
+        for name in reversed(written):
+            undo[name].write_into(tensors[name].data, "replace")
+        raise
+    for name in names:
+        undo[name].base_digest = patch.entries[name].patched_digest or tensor_digest(tensors[name])
+    undo_patch = WeightPatch(undo, "replace", {"method": "undo", "undoes": patch.patch_id,
+                                                 "key_convention": patch.metadata.get("key_convention", "state_dict")})
+    if record:
+        for name in names:
+            _UNDO.put(tensors[name], patch.patch_id, undo[name])
+    return undo_patch
+
+
+def revert_patch(target: Target, patch: PatchLike, *, undo: PatchLike | None = None) -> None:
+    """Restore the base values bit-exactly.
+
+    Uses the undo recorded when the patch was applied in this process, or ``undo`` (the undo patch returned by
+    :func:`apply_patch`, or one saved beside a materialized checkpoint).
+    """
+    patch = as_patch(patch)
+    tensors = target_tensors(target)
+    if undo is not None:
+        undo_patch = as_patch(undo)
+        if undo_patch.metadata.get("undoes") not in (None, patch.patch_id):
+            raise PatchStateError(f"the undo given belongs to patch {undo_patch.metadata.get('undoes')}, "
+                                  f"not to {patch.patch_id}")
+    else:
+        entries = {}
+        for name in _unique_storage(
+            [n for n in patch.tensor_names if n in tensors], tensors, patch
+        ):
+            saved = _UNDO.get(tensors[name], patch.patch_id)
+            if saved is None:
+                if tensor_digest(tensors[name]) == patch.entries[name].base_digest:
+                    raise PatchStateError(f"patch {patch.patch_id} is not applied (tensor {name!r} holds the base values)")
+                raise PatchStateError(
+                    f"no record of patch {patch.patch_id} being applied to tensor {name!r} in this process: "
+                    "pass undo= (the undo patch apply_patch returned, or the one saved beside the checkpoint)"
+                )
+            entries[name] = saved
+        undo_patch = WeightPatch(entries, "replace", {"method": "undo", "undoes": patch.patch_id})
+    try:
+        _apply(target, undo_patch, verify=True, record=False)
+    except PatchStateError as exc:
+        raise PatchStateError(f"patch {patch.patch_id} is not applied (the model already holds the base values)") from exc
+    except PatchMismatchError as exc:
+        raise PatchStateError(
+            f"cannot revert patch {patch.patch_id}: the model is not in the state the patch left it in ({exc}); "
+            "revert patches applied later first"
+        ) from exc
+    for name in undo_patch.tensor_names:
+        if name in tensors:
+            _UNDO.pop(tensors[name], patch.patch_id)
+
+
+def stack_patches(patches: Sequence[PatchLike], overlap: Overlap = "last") -> WeightPatch:
+    """Combine patches made against the same base into one, in order.
+
+    Rule for elements edited by several patches: ``replace`` patches, ``overlap="last"`` keeps the value of the
+    last patch in the list (``"error"`` refuses any overlap); ``add`` patches sum their deltas. Patches must agree
+    on the mode and on the base digest of every tensor they share.
+    """
+    patches = [as_patch(p) for p in patches]
+    if not patches:
+        raise ValueError("stack_patches needs at least one patch")
+    if len(patches) == 1:
+        return patches[0]
+    modes = {p.mode for p in patches}
+    if len(modes) != 1:
+        raise PatchMismatchError(f"cannot stack patches of different modes {sorted(modes)}; stack them separately")
+    mode = modes.pop()
+    if overlap not in ("last", "error"):
+        raise ValueError(f"overlap must be 'last' or 'error', got {overlap!r}")
+    names = sorted({n for p in patches for n in p.entries})
+    entries: dict[str, PatchEntry] = {}
+    for name in names:
+        parts = [p.entries[name] for p in patches if name in p.entries]
+        if len(parts) == 1:
+            entries[name] = parts[0]
+            continue
+        first = parts[0]
+        for e in parts[1:]:
+            if e.base_digest != first.base_digest or e.shape != first.shape or e.dtype != first.dtype:
+                raise PatchMismatchError(f"patches disagree on the base of tensor {name!r}: they were made for "
+                                         "different models; a patch made on a patched model needs materialize first")
+        n = first.numel
+        covered = torch.zeros(n, dtype=torch.bool)
+        acc = torch.zeros(n, dtype=first.values.dtype if mode == "replace" else torch.float32)
+        for e in parts:
+            m = unpack_mask(e.mask, n) if e.form == "mask" else torch.ones(n, dtype=torch.bool)
+            if overlap == "error" and bool((covered & m).any()):
+                raise PatchMismatchError(f"patches overlap on tensor {name!r} and overlap='error' was asked")
+            vals = e.values.reshape(-1)
+            if mode == "replace":
+                acc[m] = vals
+            else:
+                acc[m] += vals.to(torch.float32)
+            covered |= m
+        if bool(covered.all()):
+            entries[name] = PatchEntry(first.shape, first.dtype, "dense", acc.reshape(first.shape), first.base_digest)
+        else:
+            entries[name] = PatchEntry(first.shape, first.dtype, "mask", acc[covered].contiguous(), first.base_digest,
+                                       mask=pack_mask(covered))
+    keys = {p.metadata.get("key_convention") for p in patches}
+    meta = {"method": "stack", "overlap": overlap, "key_convention": keys.pop() if len(keys) == 1 else "mixed",
+            "components": [{"patch_id": p.patch_id, "method": p.metadata.get("method")} for p in patches]}
+    return WeightPatch(entries, mode, meta)
