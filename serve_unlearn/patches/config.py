@@ -1,0 +1,59 @@
+"""Hyperparameters of the patch-producing methods, validated (pydantic) so a typo fails before any training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import UnlearnConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides):
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.validate_dict(data, where=str(path))
+
+    @classmethod
+    def validate_dict(cls, data: dict, where: str = "config"):
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise UnlearnConfigError(f"invalid {cls.__name__} in {where}:\n{exc}") from exc
+
+
+class SalUnConfig(_Strict):
+    """SalUn: saliency mask on the forget loss, then target-swapping training confined to the mask."""
+
+    ratio: float = Field(0.5, gt=0.0, le=1.0, description="fraction of selected weights in the mask")
+    scope: Literal["global", "per_tensor"] = "global"
+    threshold: Literal["kthvalue", "histogram"] = "kthvalue"
+    include: list[str] = Field(default_factory=list, description="regexes over parameter names (empty: all)")
+    exclude: list[str] = Field(default_factory=list)
+    lr: float = Field(1e-5, gt=0.0)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(8, ge=1)
+    retain_weight: float = Field(1.0, ge=0.0, description="α: weight of the retain loss")
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum (masked like the gradients)")
+    forget_target: Literal["refusal", "random-answer"] = "refusal"
+    seed: int = 0
+
+
+class IAUConfig(_Strict):
+    """IAU: one update from g = ∇[mean retain loss − mean forget loss] at the original weights."""
+
+    lr: float = Field(1e-3, gt=0.0)
+    step: Literal["adam1", "sgd"] = "adam1"
+    mask_ratio: float | None = Field(None, gt=0.0, le=1.0, description="set for iau-masked (sparse patch)")
+    scope: Literal["global", "per_tensor"] = "global"
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
