@@ -18,7 +18,7 @@ from torch import nn
 from .config import IAUConfig
 from .fingerprint import data_digest
 from .format import WeightPatch
-from .salun import _records, snapshot
+from .salun import _records, cast_all, snapshot
 from .saliency import accumulate_gradients, saliency_masks, select_parameters
 from .tasks import UnlearnTask
 
@@ -26,8 +26,8 @@ ADAM_EPS = 1e-8
 
 
 def iau(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any, config: IAUConfig | None = None, *,
-        progress: bool = True, **meta: Any) -> WeightPatch:
-    """Compute an IAU patch; ``model`` is left unchanged."""
+        progress: bool = True, patch_dtype: torch.dtype | None = None, **meta: Any) -> WeightPatch:
+    """Compute an IAU patch; ``model`` is left unchanged. ``patch_dtype`` as in :func:`salun`."""
     config = config or IAUConfig()
     params = select_parameters(model, config.include, config.exclude)
     forget_batches = task.batches(forget, config.batch_size, seed=config.seed)
@@ -59,7 +59,7 @@ def iau(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any, config: I
     meta.setdefault("forget_digest", data_digest(_records(forget)))
     meta.setdefault("retain_digest", data_digest(_records(retain)))
     return WeightPatch.from_diff(
-        base, edited, method="iau-masked" if masks is not None else "iau", hparams=config.model_dump(),
+        cast_all(base, patch_dtype), cast_all(edited, patch_dtype), method="iau-masked" if masks is not None else "iau", hparams=config.model_dump(),
         seconds=f"{time.perf_counter() - start:.2f}", **meta,
     )
 

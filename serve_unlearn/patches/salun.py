@@ -78,10 +78,12 @@ def train_masked(model: nn.Module, params: dict[str, nn.Parameter], masks: dict[
 
 def salun(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any | None = None,
           config: SalUnConfig | None = None, *, keep_edits: bool = False, progress: bool = True,
-          **meta: Any) -> WeightPatch:
+          patch_dtype: torch.dtype | None = None, **meta: Any) -> WeightPatch:
     """Compute a SalUn patch for ``model`` (trained in place; restored to the base unless ``keep_edits``).
 
-    The patch is in the dtype of the model's weights, so applying it reproduces the unlearned model bit for bit.
+    The patch is in the dtype of the model's weights, so applying it reproduces the unlearned model bit for bit;
+    ``patch_dtype`` makes it for the checkpoint's dtype instead (train in float32 on a bfloat16 checkpoint:
+    weights outside the mask round-trip exactly, so the patch still touches only the mask).
     """
     config = config or SalUnConfig()
     params = select_parameters(model, config.include, config.exclude)
@@ -110,9 +112,13 @@ def salun(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any | None =
     if retain is not None:
         meta.setdefault("retain_digest", data_digest(_records(retain)))
     return WeightPatch.from_diff(
-        base, edited, method="salun", hparams=config.model_dump(), seconds=f"{time.perf_counter() - start:.2f}",
+        cast_all(base, patch_dtype), cast_all(edited, patch_dtype), method="salun", hparams=config.model_dump(), seconds=f"{time.perf_counter() - start:.2f}",
         mask_ratio=str(config.ratio), **meta,
     )
+
+
+def cast_all(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return tensors if dtype is None else {n: t.to(dtype) for n, t in tensors.items()}
 
 
 def _records(data: Any):
