@@ -142,8 +142,8 @@ class CausalLMTask:
                 elif self.forget_target == "refusal" or len(records) < 2:
                     swapped.append(rng.choice(REFUSALS))
                 else:
-                    j = rng.choice([k for k in range(len(records)) if records[k]["completion"] != rec["completion"]]
-                                   or [i])
+                    j = rng.choice([k for k in range(len(records))
+                                    if records[k].get("completion", rec["completion"]) != rec["completion"]] or [i])
                     swapped.append(records[j]["completion"])
             true = self._collate([self._encode(r) for r in recs])
             swap = self._collate([self._encode(r, c) if "prompt" in r else self._encode(r) for r, c in zip(recs, swapped)])
