@@ -22,8 +22,9 @@ def test_hard_mask_nothing_outside_moves(tiny_mlp, toy_data, optimizer, momentum
     g = torch.Generator().manual_seed(0)
     masks = {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in params.items()}
     before = snapshot(tiny_mlp)
-    train_masked(tiny_mlp, params, masks, task, task.batches(forget, 8), task.batches(retain, 8), lr=0.05,
-                 epochs=3, retain_weight=1.0, optimizer=optimizer, momentum=momentum, progress=False)
+    batches = (task.batches(forget, 8), task.batches(retain, 8))
+    train_masked(tiny_mlp, params, masks, task, lambda epoch: batches, lr=0.05, epochs=3, retain_weight=1.0,
+                 optimizer=optimizer, momentum=momentum, progress=False)
     after = snapshot(tiny_mlp)
     moved = 0
     for n, m in masks.items():
@@ -32,8 +33,19 @@ def test_hard_mask_nothing_outside_moves(tiny_mlp, toy_data, optimizer, momentum
     assert moved > 0
 
 
+def _memorize(model, forget, retain, steps=300):
+    x, y = torch.cat([forget[0], retain[0]]), torch.cat([forget[1], retain[1]])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert (model(forget[0]).argmax(-1) == forget[1]).float().mean() > 0.9
+
+
 def test_salun_patch_touches_only_mask_and_restores_model(tiny_mlp, toy_data):
     forget, retain = toy_data
+    _memorize(tiny_mlp, forget, retain)
     base = snapshot(tiny_mlp)
     patch = salun(tiny_mlp, ClassifierTask(4), forget, retain,
                   SalUnConfig(ratio=0.2, lr=0.05, epochs=5, batch_size=8, optimizer="sgd"), progress=False)
@@ -44,7 +56,9 @@ def test_salun_patch_touches_only_mask_and_restores_model(tiny_mlp, toy_data):
     x, y = forget
     acc_before = (tiny_mlp(x).argmax(-1) == y).float().mean()
     apply_patch(tiny_mlp, patch)
-    assert (tiny_mlp(x).argmax(-1) == y).float().mean() < acc_before
+    assert (tiny_mlp(x).argmax(-1) == y).float().mean() < acc_before - 0.3  # the forget set is forgotten
+    rx, ry = retain
+    assert (tiny_mlp(rx).argmax(-1) == ry).float().mean() > 0.8  # the retain set is not
 
 
 @pytest.mark.parametrize("scope", ["global", "per_tensor"])
@@ -81,6 +95,25 @@ def test_empty_forget_set_leaves_model_unchanged(tiny_mlp, toy_data):
     with pytest.raises(UnlearnDataError, match="empty"):
         iau(tiny_mlp, ClassifierTask(4), empty, retain, progress=False)
     assert_bit_equal(snapshot(tiny_mlp), before)
+
+
+def test_retain_groups_cover_the_retain_set_each_epoch():
+    from serve_unlearn.patches.salun import retain_groups
+
+    groups = retain_groups(3, list(range(10)))
+    assert [b for g in groups for b in g] == list(range(10)) and all(groups)
+    assert retain_groups(4, ["a", "b"]) == [["a"], ["b"], ["a"], ["b"]]
+    assert retain_groups(2, []) == [[], []]
+
+
+def test_salun_leaves_callers_random_state(tiny_mlp, toy_data):
+    forget, retain = toy_data
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    salun(tiny_mlp, ClassifierTask(4), forget, retain, SalUnConfig(epochs=1), progress=False)
+    iau(tiny_mlp, ClassifierTask(4), forget, retain, progress=False)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_include_matching_nothing(tiny_mlp, toy_data):

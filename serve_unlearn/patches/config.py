@@ -29,7 +29,10 @@ class _Strict(BaseModel):
 
 
 class SalUnConfig(_Strict):
-    """SalUn: saliency mask on the forget loss, then target-swapping training confined to the mask."""
+    """SalUn: saliency mask on the forget loss, then target-swapping training confined to the mask.
+
+    Defaults (lr 1e-5, batch 8) suit language models; small classifiers need a larger lr (e.g. 3e-4 with Adam).
+    """
 
     ratio: float = Field(0.5, gt=0.0, le=1.0, description="fraction of selected weights in the mask")
     scope: Literal["global", "per_tensor"] = "global"
@@ -39,10 +42,12 @@ class SalUnConfig(_Strict):
     lr: float = Field(1e-5, gt=0.0)
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(8, ge=1)
+    retain_batch_size: int | None = Field(None, ge=1, description="default: batch_size; one retain pass per epoch")
     retain_weight: float = Field(1.0, ge=0.0, description="α: weight of the retain loss")
     optimizer: Literal["adam", "sgd"] = "adam"
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum (masked like the gradients)")
-    forget_target: Literal["refusal", "random-answer"] = "refusal"
+    forget_target: Literal["refusal", "random-answer"] = Field(
+        "refusal", description="causal LMs only: what forget prompts are trained to answer")
     seed: int = 0
 
 

@@ -34,16 +34,13 @@ def iau(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any, config: I
     retain_batches = task.batches(retain, config.batch_size, seed=config.seed)
     n_f = sum(task.batch_size_of(b) for b in forget_batches)
     n_r = sum(task.batch_size_of(b) for b in retain_batches)
-    torch.manual_seed(config.seed)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     try:
-        # batch weights turn per-batch means into the mean over the whole set
-        g_r = accumulate_gradients(model, params, retain_batches, task.retain_loss,
-                                   lambda b: task.batch_size_of(b) / n_r, desc="iau retain", progress=progress)
-        g_f = accumulate_gradients(model, params, forget_batches, task.forget_loss,
-                                   lambda b: task.batch_size_of(b) / n_f, desc="iau forget", progress=progress)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+            torch.manual_seed(config.seed)
+            g_r, g_f = _gradients(model, task, params, forget_batches, retain_batches, n_f, n_r, progress)
     finally:
         model.train(was_training)
     masks = (saliency_masks({n: g.abs() for n, g in g_f.items()}, config.mask_ratio, scope=config.scope)
@@ -59,9 +56,18 @@ def iau(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any, config: I
     meta.setdefault("forget_digest", data_digest(_records(forget)))
     meta.setdefault("retain_digest", data_digest(_records(retain)))
     return WeightPatch.from_diff(
-        cast_all(base, patch_dtype), cast_all(edited, patch_dtype), method="iau-masked" if masks is not None else "iau", hparams=config.model_dump(),
-        seconds=f"{time.perf_counter() - start:.2f}", **meta,
+        cast_all(base, patch_dtype), cast_all(edited, patch_dtype),
+        method="iau-masked" if masks is not None else "iau", hparams=config.model_dump(), seconds=f"{time.perf_counter() - start:.4f}", **meta,
     )
+
+
+def _gradients(model, task, params, forget_batches, retain_batches, n_f, n_r, progress):
+    """∇ mean retain loss and ∇ mean forget loss; batch weights turn per-batch means into set means."""
+    g_r = accumulate_gradients(model, params, retain_batches, task.retain_loss,
+                               lambda b: task.batch_size_of(b) / n_r, desc="iau retain", progress=progress)
+    g_f = accumulate_gradients(model, params, forget_batches, task.forget_loss,
+                               lambda b: task.batch_size_of(b) / n_f, desc="iau forget", progress=progress)
+    return g_r, g_f
 
 
 def gradient_restriction_loss(loss: torch.Tensor, params, alpha: float = 0.005) -> torch.Tensor:

@@ -8,8 +8,8 @@ style) rather than two sequential passes; random labels never equal the true lab
 
 from __future__ import annotations
 
-import itertools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,10 +33,27 @@ def restore(params: dict[str, nn.Parameter], saved: dict[str, torch.Tensor]) -> 
             p.copy_(saved[n])
 
 
+def retain_groups(n_forget: int, retain_batches: list) -> list[list]:
+    """Spread the retain batches over the forget steps: one full retain pass per epoch (as the reference's
+    retain pass), interleaved; cycled when there are fewer retain batches than forget steps."""
+    if not retain_batches:
+        return [[] for _ in range(n_forget)]
+    r = len(retain_batches)
+    if r < n_forget:
+        return [[retain_batches[i % r]] for i in range(n_forget)]
+    groups: list[list] = [[] for _ in range(n_forget)]
+    for j, batch in enumerate(retain_batches):
+        groups[j * n_forget // r].append(batch)
+    return groups
+
+
 def train_masked(model: nn.Module, params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor],
-                 task: UnlearnTask, forget_batches: list, retain_batches: list, *, lr: float, epochs: int,
+                 task: UnlearnTask, epoch_batches: Callable[[int], tuple[list, list]], *, lr: float, epochs: int,
                  retain_weight: float, optimizer: str = "adam", momentum: float = 0.0, progress: bool = True) -> None:
-    """Minimise unlearn_loss(forget) + α·retain_loss(retain), moving only the masked weights."""
+    """Minimise unlearn_loss(forget) + α·mean retain_loss(retain), moving only the masked weights.
+
+    ``epoch_batches(epoch)`` returns that epoch's (forget batches, retain batches), so each epoch can reshuffle.
+    """
     original = {n: p.detach().clone() for n, p in params.items()}
     trainable = [p for n, p in params.items() if bool(masks[n].any())]
     frozen = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -46,30 +63,30 @@ def train_masked(model: nn.Module, params: dict[str, nn.Parameter], masks: dict[
         p.requires_grad_(True)
     opt = (torch.optim.Adam(trainable, lr=lr, weight_decay=0.0) if optimizer == "adam"
            else torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=0.0))
-    retain_cycle = itertools.cycle(retain_batches) if retain_batches else None
-    steps = epochs * len(forget_batches)
     try:
-        with tqdm(total=steps, desc="salun", disable=not progress) as bar:
-            for _ in range(epochs):
-                for fb in forget_batches:
-                    opt.zero_grad(set_to_none=True)
-                    loss = task.unlearn_loss(model, fb)
-                    if retain_cycle is not None and retain_weight:
-                        loss = loss + retain_weight * task.retain_loss(model, next(retain_cycle))
-                    loss.backward()
-                    with torch.no_grad():
-                        for n, p in params.items():
-                            if p.grad is not None:
-                                p.grad.mul_(masks[n])
-                    opt.step()
-                    with torch.no_grad():  # the hard mask: whatever the optimizer did outside it is undone
-                        for n, p in params.items():
-                            p.copy_(torch.where(masks[n], p, original[n]))
-                            for state in opt.state.get(p, {}).values():
-                                if isinstance(state, torch.Tensor) and state.shape == p.shape:
-                                    state.mul_(masks[n])
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-                    bar.update()
+        bar = tqdm(total=epochs, desc="salun epochs", disable=not progress)
+        for epoch in range(epochs):
+            forget_batches, retain_batches = epoch_batches(epoch)
+            for fb, group in zip(forget_batches, retain_groups(len(forget_batches), retain_batches)):
+                opt.zero_grad(set_to_none=True)
+                loss = task.unlearn_loss(model, fb)
+                loss.backward()
+                for rb in group if retain_weight else []:  # one backward each: bounded activation memory
+                    (retain_weight / len(group) * task.retain_loss(model, rb)).backward()
+                with torch.no_grad():
+                    for n, p in params.items():
+                        if p.grad is not None:
+                            p.grad.mul_(masks[n])
+                opt.step()
+                with torch.no_grad():  # the hard mask: whatever the optimizer did outside it is undone
+                    for n, p in params.items():
+                        p.copy_(torch.where(masks[n], p, original[n]))
+                        for state in opt.state.get(p, {}).values():
+                            if isinstance(state, torch.Tensor) and state.shape == p.shape:
+                                state.mul_(masks[n])
+                bar.set_postfix(forget_loss=f"{float(loss.detach()):.3f}")
+            bar.update()
+        bar.close()
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(frozen[n])
@@ -88,33 +105,49 @@ def salun(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any | None =
     config = config or SalUnConfig()
     params = select_parameters(model, config.include, config.exclude)
     forget_batches = task.batches(forget, config.batch_size, shuffle=True, seed=config.seed)
-    retain_batches = task.batches(retain, config.batch_size, shuffle=True, seed=config.seed) if retain is not None else []
-    torch.manual_seed(config.seed)
+    retain_size = config.retain_batch_size or config.batch_size
+
+    def epoch_batches(epoch: int) -> tuple[list, list]:
+        seed = config.seed + epoch
+        fb = forget_batches if epoch == 0 else task.batches(forget, config.batch_size, shuffle=True, seed=seed)
+        rb = task.batches(retain, retain_size, shuffle=True, seed=seed) if retain is not None else []
+        return fb, rb
+
     was_training = model.training
     model.eval()  # no dropout; BatchNorm statistics are not part of the edit
     start = time.perf_counter()
     base = snapshot(params)
     try:
-        grads = accumulate_gradients(model, params, forget_batches, task.forget_loss, desc="saliency",
-                                     progress=progress)
-        saliency = {n: g.abs_() for n, g in grads.items()}
-        masks = saliency_masks(saliency, config.ratio, scope=config.scope, threshold=config.threshold)
-        del saliency, grads
-        train_masked(model, params, masks, task, forget_batches, retain_batches, lr=config.lr,
-                     epochs=config.epochs, retain_weight=config.retain_weight, optimizer=config.optimizer,
-                     momentum=config.momentum, progress=progress)
-        edited = snapshot(params)
+        with torch.random.fork_rng(devices=[]):  # our seeding must not reset the caller's random state
+            torch.manual_seed(config.seed)
+            edited = _salun_edit(model, task, params, forget_batches, epoch_batches, config, progress, base,
+                                 keep_edits)
     finally:
-        if not keep_edits:
-            restore(params, base)
         model.train(was_training)
     meta.setdefault("forget_digest", data_digest(_records(forget)))
     if retain is not None:
         meta.setdefault("retain_digest", data_digest(_records(retain)))
     return WeightPatch.from_diff(
-        cast_all(base, patch_dtype), cast_all(edited, patch_dtype), method="salun", hparams=config.model_dump(), seconds=f"{time.perf_counter() - start:.2f}",
-        mask_ratio=str(config.ratio), **meta,
+        cast_all(base, patch_dtype), cast_all(edited, patch_dtype), method="salun", hparams=config.model_dump(),
+        seconds=f"{time.perf_counter() - start:.4f}", mask_ratio=str(config.ratio), **meta,
     )
+
+
+def _salun_edit(model, task, params, forget_batches, epoch_batches, config, progress, base, keep_edits):
+    """Saliency, mask, masked training; returns the edited parameters (the model restored unless keep_edits)."""
+    try:
+        grads = accumulate_gradients(model, params, forget_batches, task.forget_loss, desc="saliency",
+                                     progress=progress)
+        masks = saliency_masks({n: g.abs_() for n, g in grads.items()}, config.ratio, scope=config.scope,
+                               threshold=config.threshold)
+        del grads
+        train_masked(model, params, masks, task, epoch_batches, lr=config.lr, epochs=config.epochs,
+                     retain_weight=config.retain_weight, optimizer=config.optimizer, momentum=config.momentum,
+                     progress=progress)
+        return snapshot(params)
+    finally:
+        if not keep_edits:
+            restore(params, base)
 
 
 def cast_all(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
