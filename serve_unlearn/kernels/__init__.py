@@ -1,2 +1,91 @@
-"""Kernels for the hot paths; temporary until the Triton dispatch lands."""
-from .reference import masked_apply_, masked_gather, pack_mask, popcount, unpack_mask
+"""Kernels for the patch hot paths: a plain-torch reference (CPU path, test oracle) and Triton for CUDA.
+
+``masked_apply_`` picks the backend. Triton is optional: it is imported only when the Triton path is taken, so
+``import serve_unlearn.kernels`` works without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from . import reference
+from .reference import masked_gather, pack_mask, popcount, unpack_mask
+
+IMPL_ENV = "SERVE_UNLEARN_KERNEL_IMPL"
+_IMPLS = ("auto", "torch", "triton")
+
+__all__ = [
+    "IMPL_ENV",
+    "is_triton_available",
+    "masked_apply_",
+    "masked_gather",
+    "pack_mask",
+    "popcount",
+    "unpack_mask",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def is_triton_available() -> bool:
+    """Whether triton is installed (looked up once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_backend(weight: torch.Tensor, explicit: bool):
+    """The Triton host function when it can run on ``weight``; else None (auto) or RuntimeError (explicit)."""
+
+    def unusable(reason: str) -> None:
+        if explicit:
+            raise RuntimeError(f"impl='triton' cannot run: {reason}; or use impl='torch' / {IMPL_ENV}=torch")
+
+    if not is_triton_available():
+        return unusable("triton is not installed (pip install 'serve-unlearn[triton]')")
+    if weight.device.type != "cuda":
+        if not explicit:
+            return None  # auto: a CPU tensor takes the torch path, interpreter or not
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return unusable(
+                f"the weight is on {weight.device.type}, and Triton runs non-CUDA tensors only in its "
+                "interpreter: start the process with TRITON_INTERPRET=1 (set before triton is imported)"
+            )
+    from . import masked_apply_triton
+
+    if weight.device.type != "cuda" and not masked_apply_triton.is_interpreted():
+        return unusable(
+            "serve_unlearn.kernels.masked_apply_triton was imported before TRITON_INTERPRET=1 was set, so "
+            "its kernel is compiled for CUDA; start the process with TRITON_INTERPRET=1"
+        )
+    if weight.device.type == "cuda" and masked_apply_triton.is_interpreted() and not explicit:
+        return None  # interpreted Triton on CUDA tensors round-trips through host memory: torch is faster
+    return masked_apply_triton.masked_apply_triton_
+
+
+def masked_apply_(
+    weight: torch.Tensor,
+    packed: torch.Tensor,
+    values: torch.Tensor,
+    mode: str = "replace",
+    impl: str | None = None,
+) -> torch.Tensor:
+    """Write ``values`` into the masked positions of ``weight`` in place (see ``reference.masked_apply_``).
+
+    ``impl``: "torch", "triton" or "auto"; None reads ``SERVE_UNLEARN_KERNEL_IMPL`` (default "auto"). Auto
+    takes Triton for CUDA weights when triton is installed and torch otherwise, silently; an explicit "triton"
+    that cannot run raises RuntimeError instead of quietly measuring or testing the other backend. The mask
+    and values are moved to the weight's device first (patches are loaded on CPU).
+    """
+    choice = (impl if impl is not None else os.environ.get(IMPL_ENV, "auto")).strip().lower()
+    if choice not in _IMPLS:
+        source = "impl" if impl is not None else IMPL_ENV
+        raise ValueError(f"{source} must be one of {', '.join(_IMPLS)}; got {choice!r}")
+    packed = packed.to(weight.device)
+    values = values.to(weight.device)
+    if choice != "torch":
+        fn = _triton_backend(weight, explicit=choice == "triton")
+        if fn is not None:
+            return fn(weight, packed, values, mode)
+    return reference.masked_apply_(weight, packed, values, mode)
