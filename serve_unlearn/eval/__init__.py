@@ -1,0 +1,5 @@
+"""Evaluation helpers: QA accuracy with one scoring rule shared by transformers and vLLM runs."""
+
+from .qa import chat_prompt, is_correct, load_qa, qa_accuracy
+
+__all__ = ["chat_prompt", "is_correct", "load_qa", "qa_accuracy"]
