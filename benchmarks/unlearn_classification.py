@@ -243,25 +243,27 @@ def _patch_info(patch, model: nn.Module) -> dict[str, Any]:
     return {"patch_nnz_frac": nnz / total, "patch_bytes": patch.nbytes, "patch_seconds": float(patch.metadata["seconds"])}
 
 
-def run_salun(original, forget, retain, setup: Setup, seed: int, lr: float, epochs: int):
-    cfg = SalUnConfig(ratio=setup.salun_ratio, lr=lr, epochs=epochs, batch_size=setup.rl_batch, optimizer="adam",
-                      seed=seed)
+def _unlearn_with_patch(original, compute_patch):
+    """Time ``compute_patch()`` (the model it gets is restored) and apply the patch to a copy of the original."""
     start = time.perf_counter()
-    patch = salun(original, ClassifierTask(NUM_CLASSES), forget, retain, cfg, progress=False)
+    patch = compute_patch()
     seconds = time.perf_counter() - start
     model = copy.deepcopy(original)
     apply_patch(model, patch)
     return model.eval(), seconds, _patch_info(patch, model)
+
+
+def run_salun(original, forget, retain, setup: Setup, seed: int, lr: float, epochs: int):
+    cfg = SalUnConfig(ratio=setup.salun_ratio, lr=lr, epochs=epochs, batch_size=setup.rl_batch, optimizer="adam",
+                      seed=seed)
+    return _unlearn_with_patch(
+        original, lambda: salun(original, ClassifierTask(NUM_CLASSES), forget, retain, cfg, progress=False))
 
 
 def run_iau(original, forget, retain, setup: Setup, seed: int, lr: float):
     cfg = IAUConfig(lr=lr, step="adam1", batch_size=setup.iau_batch, seed=seed)
-    start = time.perf_counter()
-    patch = iau(original, ClassifierTask(NUM_CLASSES), forget, retain, cfg, progress=False)
-    seconds = time.perf_counter() - start
-    model = copy.deepcopy(original)
-    apply_patch(model, patch)
-    return model.eval(), seconds, _patch_info(patch, model)
+    return _unlearn_with_patch(
+        original, lambda: iau(original, ClassifierTask(NUM_CLASSES), forget, retain, cfg, progress=False))
 
 
 RUNNERS = {"Retrain": run_retrain, "FT": run_ft, "GA": run_ga, "RL": run_rl, "SalUn": run_salun, "IAU": run_iau}
