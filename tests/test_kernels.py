@@ -16,7 +16,6 @@ need the opposite and skip under the interpreter.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
@@ -45,25 +44,6 @@ DENSITIES = {"empty": 0.0, "1%": 0.01, "50%": 0.5, "full": 1.0}
 # (dtype, atol, rtol) for mode="add". Both sides add in float32 and round once to nearest even (the kernel
 # rounds bf16 by hand for that), so add is exact too; a backend that cannot promise it loosens its row here.
 ADD_TOL = {torch.float32: (0.0, 0.0), torch.bfloat16: (0.0, 0.0), torch.float16: (0.0, 0.0)}
-
-
-@contextlib.contextmanager
-def _env(**updates):
-    """Set (str) or unset (None) environment variables for the duration of the block."""
-    saved = {key: os.environ.get(key) for key in updates}
-    try:
-        for key, value in updates.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _run(args, **env):

@@ -87,6 +87,25 @@ def _check_fits(name: str, entry: PatchEntry, tensors: Mapping[str, torch.Tensor
     return t
 
 
+def _check_base(name: str, tensor: torch.Tensor, patch: WeightPatch) -> None:
+    entry = patch.entries[name]
+    digest = tensor_digest(tensor)
+    if digest != entry.base_digest:
+        if digest == entry.patched_digest:
+            raise PatchStateError(f"tensor {name!r} already holds this patch's values: it is already applied")
+        raise PatchMismatchError(
+            f"tensor {name!r} differs from the base this patch was made for (patch base fingerprint "
+            f"{patch.fingerprint[:12]}): apply it to that base model, or recompute the patch on this one"
+        )
+
+
+def apply_to_tensor(name: str, tensor: torch.Tensor, patch: WeightPatch) -> None:
+    """Verify and patch one tensor in place, keeping no undo: for loaders that stream a checkpoint once."""
+    _check_fits(name, patch.entries[name], {name: tensor}, patch)
+    _check_base(name, tensor, patch)
+    patch.entries[name].write_into(tensor, patch.mode)
+
+
 def _unique_storage(names: Sequence[str], tensors: Mapping[str, torch.Tensor], patch: WeightPatch) -> list[str]:
     """Tied weights appear under two names; write them once (and refuse two different edits of one tensor)."""
     seen: dict[tuple[int, int], str] = {}
@@ -119,17 +138,9 @@ def _apply(target: Target, patch: PatchLike, *, verify: bool, record: bool) -> W
     tensors = target_tensors(target)
     names = patch.tensor_names
     for name in names:
-        entry = patch.entries[name]
-        t = _check_fits(name, entry, tensors, patch)
+        t = _check_fits(name, patch.entries[name], tensors, patch)
         if verify:
-            digest = tensor_digest(t)
-            if digest != entry.base_digest:
-                if digest == entry.patched_digest:
-                    raise PatchStateError(f"tensor {name!r} already holds this patch's values: it is already applied")
-                raise PatchMismatchError(
-                    f"tensor {name!r} differs from the base this patch was made for (patch base fingerprint "
-                    f"{patch.fingerprint[:12]}): apply it to that base model, or recompute the patch on this one"
-                )
+            _check_base(name, t, patch)
     names = _unique_storage(names, tensors, patch)
 
     undo: dict[str, PatchEntry] = {}

@@ -24,7 +24,8 @@ from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from ...errors import PatchMismatchError, UnlearnConfigError
-from ...patches import WeightPatch, apply_patch, stack_patches
+from ...patches import WeightPatch, stack_patches
+from ...patches.apply import apply_to_tensor
 
 logger = logging.getLogger(__name__)
 # our keys in --model-loader-extra-config; everything else goes to vLLM's default loader
@@ -60,8 +61,7 @@ class PatchingModelLoader(DefaultModelLoader):
                 t0 = time.perf_counter()
                 # a copy: the streamed tensor may be a view of the memory-mapped checkpoint
                 tensor = tensor.clone()
-                one = WeightPatch({name: patch.entries[name]}, patch.mode, patch.metadata)
-                apply_patch({name: tensor}, one)
+                apply_to_tensor(name, tensor, patch)
                 pending.discard(name)
                 spent += time.perf_counter() - t0
             yield name, tensor
