@@ -23,3 +23,26 @@ class UnlearnDataError(ServeUnlearnError, ValueError):
 
 class UnlearnConfigError(ServeUnlearnError, ValueError):
     """A hyperparameter is out of range (e.g. a mask ratio outside (0, 1])."""
+
+
+class RegistryError(ServeUnlearnError, RuntimeError):
+    """The forget-request registry is missing, corrupt, or was written by a newer serve-unlearn."""
+
+
+class UnknownRequestError(ServeUnlearnError, KeyError):
+    """No forget request with that name or id is in the registry (``serve-unlearn o3 list`` shows them)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ArtifactError(ServeUnlearnError, ValueError):
+    """A forget request's artifact (detector, adapter) is missing, corrupt, or built for another backbone/base."""
+
+
+class GateInputError(ServeUnlearnError, TypeError):
+    """A prompt given to the gate is not text (a string, a list of strings, or chat messages)."""
+
+
+class GateError(ServeUnlearnError, RuntimeError):
+    """Scoring a prompt failed and the gate is configured to fail open-with-error rather than closed."""
