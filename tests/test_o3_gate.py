@@ -1,0 +1,117 @@
+"""The gate: policies, prompt normalisation, batching, and failing closed."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from serve_unlearn.adapters.gate import Gate, GateConfig, GatePolicy, gate_text
+from serve_unlearn.errors import GateInputError, UnlearnConfigError
+
+
+def _table_scorer(table):
+    """Weights looked up by text: rows are requests."""
+    def score(texts):
+        return np.array([[table[t][i] for t in texts] for i in range(len(next(iter(table.values()))))])
+    return score
+
+
+@pytest.mark.parametrize("kind", ["threshold", "ramp", "tofu"])
+def test_policies_are_monotone_and_bounded(kind):
+    policy = GatePolicy(kind=kind, max_scale=1.25)
+    w = np.linspace(0.0, 1.0, 1001)
+    s = policy.scale(w)
+    assert np.all(np.diff(s) >= 0)
+    assert s[0] == 0.0 and s[-1] == pytest.approx(1.25)
+
+
+def test_tofu_preset_matches_the_reference_map():
+    s = GatePolicy(kind="tofu").scale(np.array([0.1, 0.2, 0.25, 0.31, 0.32, 0.9]))
+    np.testing.assert_allclose(s, [0, 0, 10 * 0.25**2, min(10 * 0.31**2, 1), 1, 1])
+
+
+def test_bad_policy_is_a_config_error():
+    with pytest.raises(UnlearnConfigError, match="low < high"):
+        GatePolicy.validate_dict({"kind": "ramp", "low": 0.7, "high": 0.6})
+
+
+def test_max_over_requests_and_decision_fields():
+    table = {"chem q": [0.95, 0.12], "space q": [0.12, 0.9], "other": [0.13, 0.12]}
+    gate = Gate(_table_scorer(table), ["chem", "space"], GateConfig(policy=GatePolicy(kind="threshold")))
+    d = gate.decide(["chem q", "space q", "other"])
+    assert [x.request for x in d[:2]] == ["chem", "space"]
+    assert [x.scale for x in d] == [1.0, 1.0, 0.0]
+    assert d[1].weights == {"chem": 0.12, "space": 0.9}
+    assert gate.counters["decisions"] == 3 and gate.counters["applied"] == 2 and gate.counters["base"] == 1
+
+
+def test_batches_are_split_by_batch_size():
+    seen = []
+
+    def scorer(texts):
+        seen.append(len(texts))
+        return np.full((1, len(texts)), 0.9)
+
+    Gate(scorer, ["r"], GateConfig(batch_size=4)).decide([f"p{i}" for i in range(10)])
+    assert seen == [4, 4, 2]
+
+
+def test_fails_closed_when_the_detector_raises(caplog):
+    def broken(texts):
+        raise RuntimeError("detector exploded")
+
+    gate = Gate(broken, ["r"], GateConfig(policy=GatePolicy(max_scale=1.0)))
+    with caplog.at_level("ERROR", logger="serve_unlearn.gate"):
+        d = gate.decide(["anything", "else"])
+    assert [x.scale for x in d] == [1.0, 1.0]
+    assert all("detector exploded" in x.error for x in d)
+    assert gate.counters["errors"] == 2 and gate.counters["failed_closed"] == 2
+    assert "failed closed" in caplog.text
+
+
+def test_fail_open_when_configured():
+    gate = Gate(lambda t: np.full((1, len(t)), np.nan), ["r"], GateConfig(fail_closed=False))
+    d = gate.decide(["x"])
+    assert d[0].scale == 0.0 and "non-finite" in d[0].error
+    assert gate.counters["failed_open"] == 1
+
+
+def test_timeout_fails_closed_and_is_counted():
+    release = threading.Event()
+
+    def slow(texts):
+        release.wait(5)
+        return np.zeros((1, len(texts)))
+
+    gate = Gate(slow, ["r"], GateConfig(timeout_s=0.05))
+    try:
+        d = gate.decide(["x"])
+    finally:
+        release.set()
+    assert d[0].scale == 1.0 and "timed out" in d[0].error
+    assert gate.counters["timeouts"] == 1
+
+
+def test_no_requests_means_base_model():
+    d = Gate(lambda t: 1 / 0, [], GateConfig()).decide(["x"])
+    assert d[0].scale == 0.0 and d[0].error is None
+
+
+def test_gate_text_extracts_the_last_user_turn():
+    chatml = ("<|im_start|>system\nBe nice.<|im_end|>\n<|im_start|>user\nfirst<|im_end|>\n"
+              "<|im_start|>assistant\nok<|im_end|>\n<|im_start|>user\nWhat is H2O?<|im_end|>\n<|im_start|>assistant\n")
+    assert gate_text(chatml) == "What is H2O?"
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                                            {"type": "image_url", "image_url": {}}]}]
+    assert gate_text(msgs) == "hi"
+    assert gate_text("plain prompt ") == "plain prompt"
+    assert gate_text("x" * 50, max_chars=16) == "x" * 16
+
+
+@pytest.mark.parametrize("bad", [42, None, [1, 2], [], {"role": "user"}])
+def test_non_text_prompts_raise_gate_input_error(bad):
+    gate = Gate(lambda t: np.zeros((1, len(t))), ["r"])
+    with pytest.raises(GateInputError):
+        gate.decide([bad] if not isinstance(bad, dict) else bad)
