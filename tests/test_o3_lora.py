@@ -47,7 +47,7 @@ def _explicit_logits(base, peft_model, ids, attn, w):
 
 
 def test_per_sample_scale_equals_explicit_and_zero_rows_are_base(tiny_llama):
-    model, tok = tiny_llama
+    model, _tok = tiny_llama
     base = copy.deepcopy(model)
     peft_model = _random_lora(model)
     weights = [0.0, 0.5, 1.0, 1.7]
@@ -71,7 +71,7 @@ def test_per_sample_scale_survives_kv_cached_generation(tiny_llama):
     peft_model = _random_lora(model, seed=3)
     scaler = PerSampleLoraScale(peft_model, "default")
     ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(2))
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tok.pad_token_id}
     with torch.no_grad(), scaler.scaled([0.0, 1.0]):
         mixed = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
     with torch.no_grad(), peft_model.disable_adapter():
@@ -149,8 +149,8 @@ def test_concat_adapter_is_the_sum_of_its_parts(tiny_llama, tmp_path):
                 mod = key.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
                 b = tensors[key.replace("lora_A", "lora_B")]
                 want[mod + ".weight"] += b @ a * (acfg["lora_alpha"] / acfg["r"])
-    for k in want:
-        torch.testing.assert_close(merged[k], want[k], atol=1e-6, rtol=1e-5)
+    for k, value in want.items():
+        torch.testing.assert_close(merged[k], value, atol=1e-6, rtol=1e-5)
 
 
 def test_bad_training_input_and_missing_adapter(tiny_llama, tmp_path):

@@ -81,9 +81,9 @@ class GateDecision:
 
 # Chat markup of common templates: the detectors are trained on bare questions, so score the last user turn.
 _USER_TURNS = (
-    re.compile(r"<\|im_start\|>user\s*\n(.*?)<\|im_end\|>", re.S),                       # ChatML (SmolLM2, Qwen)
-    re.compile(r"<\|start_header_id\|>user<\|end_header_id\|>\s*(.*?)<\|eot_id\|>", re.S),  # Llama 3
-    re.compile(r"\[INST\](.*?)\[/INST\]", re.S),                                           # Llama 2 / Mistral
+    re.compile(r"<\|im_start\|>user\s*\n(.*?)<\|im_end\|>", re.DOTALL),                       # ChatML (SmolLM2, Qwen)
+    re.compile(r"<\|start_header_id\|>user<\|end_header_id\|>\s*(.*?)<\|eot_id\|>", re.DOTALL),  # Llama 3
+    re.compile(r"\[INST\](.*?)\[/INST\]", re.DOTALL),                                           # Llama 2 / Mistral
 )
 
 

@@ -14,6 +14,7 @@ load them unchanged. No retained data is used: the gate, not the adapter, protec
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -71,7 +72,7 @@ def base_model_fingerprint(model: nn.Module) -> str:
 
 def _layer_index(name: str) -> int | None:
     parts = name.split(".")
-    for a, b in zip(parts, parts[1:]):
+    for a, b in itertools.pairwise(parts):
         if a in ("layers", "h", "layer", "blocks") and b.isdigit():
             return int(b)
     return None

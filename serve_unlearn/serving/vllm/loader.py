@@ -68,7 +68,7 @@ class PatchingModelLoader(DefaultModelLoader):
         if pending:
             raise PatchMismatchError(
                 f"{len(pending)} patch tensors are not in the checkpoint {model_config.model!r} "
-                f"(first: {sorted(pending)[0]!r}): the patch was made for another model"
+                f"(first: {min(pending)!r}): the patch was made for another model"
             )
         logger.info("serve-unlearn: applied patch %s (%d tensors) in %.2f s",
                     patch.patch_id, len(patch.tensor_names), spent)
