@@ -46,3 +46,7 @@ class GateInputError(ServeUnlearnError, TypeError):
 
 class GateError(ServeUnlearnError, RuntimeError):
     """Scoring a prompt failed and the gate is configured to fail open-with-error rather than closed."""
+
+
+class ServerError(ServeUnlearnError, RuntimeError):
+    """A running vLLM server refused or failed an operation (e.g. runtime LoRA loading is not enabled)."""

@@ -135,7 +135,8 @@ class Gate:
         with self._lock:
             self.counters.update(inc)
 
-    def _failed(self, n: int, reason: str) -> list[GateDecision]:
+    def fail(self, n: int, reason: str) -> list[GateDecision]:
+        """Decisions for ``n`` prompts that could not be scored: full scale when failing closed, else 0."""
         scale = self.config.policy.max_scale if self.config.fail_closed else 0.0
         self._count(errors=n, **{"failed_closed" if self.config.fail_closed else "failed_open": n})
         logger.error("gate %s for %d prompt(s): %s", "failed closed" if self.config.fail_closed else "failed open",
@@ -167,9 +168,9 @@ class Gate:
             w = future.result(timeout=self.config.timeout_s)
         except concurrent.futures.TimeoutError:
             self._count(timeouts=len(texts))
-            return self._failed(len(texts), f"detector timed out after {self.config.timeout_s}s")
+            return self.fail(len(texts), f"detector timed out after {self.config.timeout_s}s")
         except Exception as exc:  # noqa: BLE001 - any detector failure must fail closed, not crash serving
-            return self._failed(len(texts), f"detector raised {type(exc).__name__}: {exc}")
+            return self.fail(len(texts), f"detector raised {type(exc).__name__}: {exc}")
         best = w.max(axis=0)
         arg = w.argmax(axis=0)
         scales = self.config.policy.scale(best)
