@@ -2,6 +2,8 @@
 
 ``masked_apply_`` picks the backend. Triton is optional: it is imported only when the Triton path is taken, so
 ``import serve_unlearn.kernels`` works without it.
+
+``masked_attention`` is attention over a per-sample subset of keys (Attentive Eraser), with its own backends.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import torch
 
 from . import reference
+from .masked_attention import MASKED_ATTENTION_BACKENDS, empty_keep_rows, masked_attention
 from .reference import masked_gather, pack_mask, popcount, unpack_mask
 
 IMPL_ENV = "SERVE_UNLEARN_KERNEL_IMPL"
@@ -20,8 +23,11 @@ _IMPLS = ("auto", "torch", "triton")
 
 __all__ = [
     "IMPL_ENV",
+    "MASKED_ATTENTION_BACKENDS",
+    "empty_keep_rows",
     "is_triton_available",
     "masked_apply_",
+    "masked_attention",
     "masked_gather",
     "pack_mask",
     "popcount",
