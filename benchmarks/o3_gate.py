@@ -84,7 +84,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serve_unlearn.adapters.forget import ForgetConfig, forget
+    from serve_unlearn.adapters.forget_request import ForgetConfig, forget
     from serve_unlearn.adapters.registry import ForgetRegistry
     from serve_unlearn.eval.qa import load_qa, qa_accuracy
     from serve_unlearn.models.packaged import prepare_smollm2

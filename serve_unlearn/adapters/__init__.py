@@ -10,7 +10,7 @@ import importlib
 _EXPORTS = {
     "ForgetRegistry": ".registry", "ForgetRequest": ".registry", "Staging": ".registry",
     "Gate": ".gate", "GateConfig": ".gate", "GateDecision": ".gate", "GatePolicy": ".gate",
-    "ForgetConfig": ".forget", "forget": ".forget", "load_forget_records": ".forget",
+    "ForgetConfig": ".forget_request", "forget": ".forget_request", "load_forget_records": ".forget_request",
     "UnlearnLoraConfig": ".orthogonal_lora", "concat_adapters": ".orthogonal_lora",
     "DetectorConfig": ".detector", "DetectorEnsemble": ".detector", "OODDetector": ".detector",
     "load_gate": ".served", "served_adapter": ".served",

@@ -14,7 +14,7 @@ def _forget(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .forget import ForgetConfig, forget, load_forget_records
+    from .forget_request import ForgetConfig, forget, load_forget_records
 
     config = ForgetConfig.from_yaml(args.config) if args.config else ForgetConfig()
     records = load_forget_records(args.forget)  # before loading the model: bad data fails fast
