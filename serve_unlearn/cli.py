@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .adapters.cli import add_o3_parser
 from .errors import ServeUnlearnError
+from .pipelines.cli import add_erase_parser
 from .serving.vllm.cli import add_vllm_parser
 
 
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overlap", choices=["last", "error"], default="last")
     m.set_defaults(func=_patch_materialize)
     add_o3_parser(sub)
+    add_erase_parser(sub)
     add_vllm_parser(sub)
     return p
 

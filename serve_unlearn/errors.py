@@ -50,3 +50,11 @@ class GateError(ServeUnlearnError, RuntimeError):
 
 class ServerError(ServeUnlearnError, RuntimeError):
     """A running vLLM server refused or failed an operation (e.g. runtime LoRA loading is not enabled)."""
+
+
+class EraserInputError(ServeUnlearnError, ValueError):
+    """An image, mask or argument given to an Attentive Eraser pipeline cannot be used as it is."""
+
+
+class UnsupportedModelError(ServeUnlearnError, TypeError):
+    """The pipeline's denoiser is not one Attentive Eraser supports (it needs a 4-channel UNet2DConditionModel)."""

@@ -1,0 +1,558 @@
+"""Attentive Eraser's shared machinery: the per-call state, the mask pyramid, layer selection, mask handling and
+the eraser loop that the SD and SDXL pipelines both run.
+
+Modelled on diffusers' ``PAGMixin``: a mixin on the pipeline selects self-attention layers (PAG's regex semantics,
+or the reference's execution-order block numbers), installs processors that share one state object for the call,
+runs the guidance branches as one batch, and combines them. Unlike PAG, the processors are restored in a
+``finally`` block, so an exception (in a callback, say) never leaves the UNet patched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from ...errors import EraserInputError, UnsupportedModelError
+from ...kernels import MASKED_ATTENTION_BACKENDS
+
+logger = logging.getLogger(__name__)
+
+INPAINT_MODES = ("sip", "dip")
+BLOCK_INDEX = "block_index"
+
+
+# -- state shared by the processors of one call ---------------------------------------------------------------
+@dataclass(frozen=True)
+class RedirectionLevel:
+    """The redirected chunk's view of one token grid: which keys stay, how queries are scaled, who falls back."""
+
+    keep: torch.Tensor  # (B, N) bool, True = background key (attendable)
+    query_scale: torch.Tensor | None  # (B, N) float: lambda on foreground rows while SS is on, else None
+    ok: torch.Tensor  # (B,) bool: samples with at least one background key at this level
+    any_empty: bool
+    all_empty: bool
+
+
+@dataclass
+class AttentionRedirectionState:
+    """Everything the ASS processors of one pipeline call read: the foreground tokens per token grid (built once
+    per call), the attention backend, and the executed-step index with the ASS and SS windows (advanced by the
+    pipeline before each UNet call, the analogue of a guider's ``set_state``)."""
+
+    fg: dict[int, torch.Tensor]  # tokens per grid (h*w) -> (B, N) bool, True = foreground (to remove)
+    ss_scale: float = 0.3
+    backend: str = "auto"
+    step: int = -1
+    active: bool = False
+    ss_active: bool = False
+    _levels: dict = field(default_factory=dict, repr=False)
+    _warned: bool = field(default=False, repr=False)
+
+    def set_step(self, step: int, *, active: bool, ss_active: bool) -> None:
+        self.step, self.active, self.ss_active = step, active, active and ss_active
+
+    def level(self, tokens: int, device: torch.device, batch: int) -> RedirectionLevel:
+        """The masks for a self-attention over ``tokens`` tokens, cached per device and SS phase."""
+        cache_key = (tokens, str(device), self.ss_active)
+        found = self._levels.get(cache_key)
+        if found is not None:
+            return found
+        fg = self.fg.get(tokens)
+        if fg is None:
+            raise UnsupportedModelError(
+                f"a self-attention over {tokens} tokens matches no level of the mask pyramid "
+                f"({sorted(self.fg)}): this UNet's token grids are not the latent halved per down block"
+            )
+        if fg.shape[0] != batch:
+            raise UnsupportedModelError(f"the redirected chunk has {batch} samples but the masks {fg.shape[0]}")
+        fg = fg.to(device)
+        keep = ~fg
+        ok = keep.any(dim=1)
+        n_ok = int(ok.sum())
+        if n_ok < batch and not self._warned:
+            self._warned = True
+            logger.warning(
+                "the mask covers the whole %d-token grid of sample(s) %s: those samples use plain attention at that "
+                "level (nothing is left to redirect to); use a smaller mask or a larger image",
+                tokens, (~ok).nonzero().flatten().tolist(),
+            )
+        scale = torch.where(fg, self.ss_scale, 1.0) if self.ss_active else None
+        found = RedirectionLevel(keep, scale, ok, n_ok < batch, n_ok == 0)
+        self._levels[cache_key] = found
+        return found
+
+
+# -- masks -----------------------------------------------------------------------------------------------------
+def latent_mask(mask: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
+    """(B, 1, H, W) pixel mask -> (B, 1, ceil(H/f), ceil(W/f)) latent mask: a latent pixel is foreground if any
+    pixel under it is (the reference's max-pool, conservative)."""
+    return F.max_pool2d(mask.float(), vae_scale_factor, ceil_mode=True)
+
+
+def build_mask_pyramid(mask: torch.Tensor, vae_scale_factor: int, n_levels: int) -> dict[int, torch.Tensor]:
+    """Foreground tokens per UNet token grid: {h_l * w_l: (B, h_l * w_l) bool}.
+
+    Level 0 is the latent grid; each further level halves it with ceil, as the UNet's stride-2 convolutions (pad
+    1) do, so non-square and non-power-of-two sizes line up with the token grids. Equal to the reference's direct
+    ``max_pool2d(mask, R / r)`` when the sizes divide.
+    """
+    m = latent_mask(mask, vae_scale_factor)
+    pyramid: dict[int, torch.Tensor] = {}
+    for _ in range(n_levels):
+        pyramid.setdefault(m.shape[-2] * m.shape[-1], m.flatten(1) > 0.5)
+        m = F.max_pool2d(m, 2, ceil_mode=True)
+    return pyramid
+
+
+def gaussian_kernel1d(kernel_size: int, sigma: float | None = None) -> torch.Tensor:
+    """torchvision's ``gaussian_blur`` kernel; its default sigma is 0.3 * ((k - 1) / 2 - 1) + 0.8."""
+    sigma = 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8 if sigma is None else sigma
+    x = torch.linspace(-(kernel_size - 1) * 0.5, (kernel_size - 1) * 0.5, kernel_size)
+    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+    return pdf / pdf.sum()
+
+
+def _blur(mask: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
+    k = kernel.numel()
+    kernel = kernel.to(mask.device, mask.dtype)
+    x = F.pad(mask, (k // 2,) * 4, mode=mode)
+    x = F.conv2d(x, kernel.view(1, 1, 1, k))
+    return F.conv2d(x, kernel.view(1, 1, k, 1))
+
+
+def dilate_mask(mask: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The reference's mask preprocessing: Gaussian blur (kernel k, reflect padding as torchvision) then >= 0.1.
+
+    For a straight edge this grows the mask by about 1.28 sigma; k <= 1 leaves it unchanged.
+    """
+    if kernel_size <= 1:
+        return mask
+    h, w = mask.shape[-2:]
+    if kernel_size % 2 == 0 or kernel_size // 2 >= min(h, w):
+        raise EraserInputError(
+            f"mask_dilation={kernel_size} must be an odd blur kernel smaller than twice the image side "
+            f"({h}x{w}); use 'ae' (the reference's kernel scaled to the image) or 0 for none"
+        )
+    return (_blur(mask.float(), gaussian_kernel1d(kernel_size), "reflect") >= 0.1).to(mask.dtype)
+
+
+def paste_back_weights(mask: torch.Tensor, radius: float) -> torch.Tensor:
+    """The reference's soft paste-back weight m_f = 1 - (1 - m)(1 - blur_radius(m)): 1 inside the mask, fading
+    to 0 over about ``radius`` pixels outside it."""
+    if radius <= 0:
+        return mask
+    kernel = gaussian_kernel1d(2 * math.ceil(3 * radius) + 1, sigma=radius)
+    return 1 - (1 - mask) * (1 - _blur(mask.float(), kernel, "replicate").to(mask.dtype))
+
+
+def _size_of(x: Any) -> tuple[int, int] | None:
+    """(height, width) of an image or mask input (PIL, numpy HW/HWC/BHW/BHWC, torch HW/CHW/BCHW), or a list."""
+    if isinstance(x, (list, tuple)):
+        return _size_of(x[0]) if x else None
+    if isinstance(x, PIL.Image.Image):
+        return x.height, x.width
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape[-2:]) if x.dim() >= 2 else None
+    if isinstance(x, np.ndarray):
+        if x.ndim == 2:
+            return x.shape
+        if x.ndim == 3:
+            return x.shape[:2] if x.shape[-1] in (1, 3, 4) else x.shape[1:]
+        if x.ndim == 4:
+            return x.shape[1:3]
+    return None
+
+
+def _as_processor_input(x: Any, name: str) -> Any:
+    """Check an image/mask input and normalise what diffusers' processors would misread.
+
+    Tensors may sit on any device and be any float dtype (or bool for masks); integer tensors are ambiguous
+    (0..1 or 0..255?) and meta tensors hold no data, so both are refused. uint8 arrays are taken as 0..255.
+    """
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise EraserInputError(f"{name} is an empty list: give at least one image")
+        return [_as_processor_input(e, name) for e in x]
+    if isinstance(x, torch.Tensor):
+        if x.is_meta:
+            raise EraserInputError(f"{name} is a meta tensor (no data): load or materialise it first")
+        if x.dtype == torch.bool:
+            return x.float().cpu()
+        if not x.is_floating_point():
+            raise EraserInputError(
+                f"{name} is a {x.dtype} tensor: give a float tensor in [0, 1] (channels first), a bool mask, a PIL "
+                "image or a numpy array"
+            )
+        return x.detach().float().cpu()
+    if isinstance(x, np.ndarray):
+        if x.dtype == np.uint8:
+            return x.astype(np.float32) / 255.0
+        if x.dtype == bool:
+            return x.astype(np.float32)
+        if not np.issubdtype(x.dtype, np.floating):
+            raise EraserInputError(f"{name} is a {x.dtype} array: give floats in [0, 1] or uint8 in [0, 255]")
+        return x.astype(np.float32)
+    if isinstance(x, PIL.Image.Image):
+        return x
+    raise EraserInputError(f"{name} must be a PIL image, a numpy array, a torch tensor or a list of them; got "
+                           f"{type(x).__name__}")
+
+
+def _expand(t: torch.Tensor, n: int, per_item: int, what: str) -> torch.Tensor:
+    """Tile ``t`` (leading dim dividing ``n``) to ``n`` items, then repeat each item ``per_item`` times."""
+    if n % t.shape[0]:
+        raise EraserInputError(f"{t.shape[0]} {what} cannot be matched to a batch of {n}: give 1 or {n}")
+    return t.repeat(n // t.shape[0], *([1] * (t.dim() - 1))).repeat_interleave(per_item, dim=0)
+
+
+# -- layer selection -------------------------------------------------------------------------------------------
+def self_attention_layers(unet) -> list[tuple[str, torch.nn.Module]]:
+    """The UNet's self-attentions in execution order over down, mid and up blocks: the reference's numbering
+    (its ``cur_att_layer // 2``, one transformer block per index)."""
+    from diffusers.models.attention_processor import Attention
+
+    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    found = [(n, m) for n, m in unet.named_modules()
+             if isinstance(m, Attention) and not m.is_cross_attention and n.split(".")[0] in order]
+    return sorted(found, key=lambda nm: order[nm[0].split(".")[0]])  # stable: keeps the order inside a block
+
+
+def _is_fake_integral_match(layer_id: str, name: str) -> bool:
+    """PAG's guard: "blocks.1" must not select "blocks.10"."""
+    layer_id, name = layer_id.split(".")[-1], name.split(".")[-1]
+    return layer_id.isnumeric() and name.isnumeric() and layer_id == name
+
+
+def resolve_applied_layers(unet, applied_layers) -> list[str]:
+    """Module names of the self-attentions selected by regexes (PAG's semantics) or ("block_index", indices)."""
+    from diffusers.models.attention_processor import Attention
+
+    if isinstance(applied_layers, tuple) and applied_layers and applied_layers[0] == BLOCK_INDEX:
+        layers = self_attention_layers(unet)
+        wanted = list(applied_layers[1])
+        bad = [i for i in wanted if not 0 <= i < len(layers)]
+        if bad:
+            raise EraserInputError(f"block indices {bad} are out of range: this UNet has {len(layers)} "
+                                   "self-attention blocks (0-based, down -> mid -> up)")
+        return [layers[i][0] for i in wanted]
+    names: list[str] = []
+    for layer_id in applied_layers:
+        matched = [n for n, m in unet.named_modules()
+                   if isinstance(m, Attention) and not m.is_cross_attention and re.search(layer_id, n) is not None
+                   and not _is_fake_integral_match(layer_id, n)]
+        if not matched:
+            raise EraserInputError(f"no self-attention layer matches {layer_id!r}: use e.g. 'up', 'mid', "
+                                   "'down_blocks.1' or ('block_index', range(a, b))")
+        names.extend(matched)
+    return list(dict.fromkeys(names))
+
+
+def check_unet(unet, where: str) -> None:
+    """Raise UnsupportedModelError unless ``unet`` is a UNet Attentive Eraser can run (4-channel, conditional)."""
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(unet, UNet2DConditionModel):
+        found = "no UNet" if unet is None else f"a {type(unet).__name__}"
+        raise UnsupportedModelError(
+            f"{where} has {found}: Attentive Eraser needs a UNet2DConditionModel (Stable Diffusion 1.x/2.x or SDXL); "
+            "transformer (DiT) pipelines such as PixArt, SD3 or FLUX are not supported"
+        )
+    if unet.config.in_channels != unet.config.out_channels:
+        raise UnsupportedModelError(
+            f"{where}'s UNet takes {unet.config.in_channels} input channels (an inpainting UNet); Attentive Eraser "
+            "blends latents with a base model: load the base (non-inpainting) checkpoint"
+        )
+
+
+# -- the mixin -------------------------------------------------------------------------------------------------
+class AttentiveEraserMixin:
+    """Attentive Eraser (ASS + SARG) for diffusers UNet pipelines, in the shape of diffusers' ``PAGMixin``.
+
+    A pipeline class lists it first among its bases (its ``from_pipe``/``from_pretrained`` refuse unsupported
+    denoisers before diffusers' generic errors) and implements ``_encode_conditioning`` and ``_decode_latents``.
+    """
+
+    _ae_preset = None  # an EraserPreset, set by each pipeline class
+
+    # -- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        check_unet(kwargs.get("unet", getattr(pipeline, "unet", None)), type(pipeline).__name__)
+        return super().from_pipe(pipeline, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        index = Path(str(pretrained_model_name_or_path)) / "model_index.json"
+        if "unet" not in kwargs and index.is_file():
+            components = cls.load_config(str(index.parent))
+            if "unet" not in components:
+                check_unet(None, f"{pretrained_model_name_or_path} ({components.get('_class_name')})")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def set_ae_applied_layers(self, ae_applied_layers: str | Sequence[str] | tuple[str, Iterable[int]]) -> None:
+        """Choose the self-attentions ASS runs in.
+
+        Args:
+            ae_applied_layers: a regex over module names as in PAG (``"up"``, the default and the reference's
+                choice; ``"mid"``; ``"up_blocks.1"``; ``"blocks.(1|2)"``), a list of them, or
+                ``("block_index", range(a, b))`` with the reference's execution-order transformer-block numbers
+                (SD: ``range(7, 16)`` == ``"up"``; SDXL: ``range(34, 70)`` == ``"up"``).
+        """
+        if isinstance(ae_applied_layers, str):
+            ae_applied_layers = [ae_applied_layers]
+        if isinstance(ae_applied_layers, tuple) and ae_applied_layers and ae_applied_layers[0] == BLOCK_INDEX:
+            if len(ae_applied_layers) != 2 or not all(isinstance(i, int) for i in ae_applied_layers[1]):
+                raise EraserInputError("a block-index selector is ('block_index', range(a, b)) or a list of ints")
+            ae_applied_layers = (BLOCK_INDEX, tuple(ae_applied_layers[1]))
+        elif not all(isinstance(x, str) for x in ae_applied_layers):
+            raise EraserInputError(f"ae_applied_layers must be a regex, a list of regexes or ('block_index', "
+                                   f"indices); got {ae_applied_layers!r}")
+        else:
+            ae_applied_layers = list(ae_applied_layers)
+        resolve_applied_layers(self.unet, ae_applied_layers)  # fail now, not mid-call
+        self.ae_applied_layers = ae_applied_layers
+
+    # -- properties (as PAG's) ---------------------------------------------------------------------------------
+    @property
+    def rm_guidance_scale(self) -> float:
+        return self._rm_guidance_scale
+
+    @property
+    def do_self_attention_redirection_guidance(self) -> bool:
+        """SARG is on for any positive scale (unlike the reference's ``> 1``: a scale in (0, 1) interpolates)."""
+        return self._rm_guidance_scale > 0 and len(self.ae_applied_layers) > 0
+
+    @property
+    def ae_attn_processors(self) -> dict:
+        """{layer name: processor} for the Attentive Eraser processors installed now (only during a call)."""
+        from .attention_processor import AttentiveEraserSelfAttnProcessor
+
+        return {n: p for n, p in self.unet.attn_processors.items()
+                if isinstance(p, AttentiveEraserSelfAttnProcessor)}
+
+    # -- guidance ----------------------------------------------------------------------------------------------
+    def _ae_branches(self) -> tuple[str, ...]:
+        """The guidance branches of one UNet call, in batch order."""
+        cfg = self.do_classifier_free_guidance
+        if not self.do_self_attention_redirection_guidance:
+            return ("uncond", "cond") if cfg else ("cond",)
+        if not cfg and self._rm_guidance_scale == 1:
+            return ("redirected",)  # eps = eps_o + 1 * (eps_r - eps_o) = eps_r: one pass
+        return ("uncond", "cond", "redirected") if cfg else ("cond", "redirected")
+
+    def _apply_sarg(self, noise_pred: torch.Tensor, branches: Sequence[str]) -> torch.Tensor:
+        """eps = eps_o + s (eps_r - eps_o) (SARG); with CFG eps = eps_u + w (eps_c - eps_u) + s (eps_r - eps_c)."""
+        pred = dict(zip(branches, noise_pred.chunk(len(branches))))
+        if "cond" not in pred:
+            return pred["redirected"]
+        eps = pred["cond"]
+        if "uncond" in pred:
+            eps = pred["uncond"] + self.guidance_scale * (pred["cond"] - pred["uncond"])
+        if "redirected" in pred:
+            eps = eps + self._rm_guidance_scale * (pred["redirected"] - pred["cond"])
+        return eps
+
+    @contextmanager
+    def _ae_attn_processors(self, state: AttentionRedirectionState, n_plain: int):
+        """Install ASS processors sharing ``state`` on the selected layers; restore the originals on exit."""
+        from .attention_processor import AttentiveEraserCFGSelfAttnProcessor, AttentiveEraserSelfAttnProcessor
+
+        processor = (AttentiveEraserCFGSelfAttnProcessor(state) if n_plain == 2
+                     else AttentiveEraserSelfAttnProcessor(state, n_plain=n_plain))
+        modules = dict(self.unet.named_modules())
+        originals = {}
+        try:
+            for name in resolve_applied_layers(self.unet, self.ae_applied_layers):
+                originals[name] = modules[name].processor
+                modules[name].set_processor(processor)
+            yield processor
+        finally:
+            for name, original in originals.items():
+                modules[name].set_processor(original)
+
+    # -- inputs ------------------------------------------------------------------------------------------------
+    def _ae_dilation_kernel(self, mask_dilation: int | str, height: int, width: int) -> int:
+        if mask_dilation == "ae":
+            return self._ae_preset.blur_kernel_for(height, width)
+        if isinstance(mask_dilation, bool) or not isinstance(mask_dilation, int) or mask_dilation < 0:
+            raise EraserInputError(f"mask_dilation must be 'ae', 0 (none) or an odd blur kernel size; got "
+                                   f"{mask_dilation!r}")
+        return mask_dilation
+
+    def _prepare_image_and_mask(self, image, mask_image, height, width, mask_dilation):
+        """(images (n, 3, H, W) in [-1, 1], masks (m, 1, H, W) in {0, 1} after binarising and dilation, H, W)."""
+        if image is None or mask_image is None:
+            raise EraserInputError("both image and mask_image are required (mask: white/1 = remove)")
+        image = _as_processor_input(image, "image")
+        mask_image = _as_processor_input(mask_image, "mask_image")
+        image_hw, mask_hw = _size_of(image), _size_of(mask_image)
+        if image_hw is None or mask_hw is None:
+            raise EraserInputError(f"cannot read the size of the {'image' if image_hw is None else 'mask_image'}: "
+                                   "give HxW, CxHxW or BxCxHxW tensors, HxW(xC) arrays or PIL images")
+        if image_hw != mask_hw:
+            logger.warning("mask_image is %dx%d but image is %dx%d: the mask is resized to the image and "
+                           "binarised at 0.5", *mask_hw, *image_hw)
+        f = self.vae_scale_factor
+        height = (height or image_hw[0]) // f * f
+        width = (width or image_hw[1]) // f * f
+        if height < f or width < f:
+            raise EraserInputError(f"{height}x{width} is too small: give at least {f}x{f} pixels")
+        if isinstance(mask_image, torch.Tensor) and mask_image.dim() in (2, 3):
+            mask_image = mask_image.reshape(-1, 1, *mask_image.shape[-2:])
+        init_image = self.image_processor.preprocess(image, height=height, width=width).float()
+        mask = self.mask_processor.preprocess(mask_image, height=height, width=width).float()  # binarised at 0.5
+        empty = mask.flatten(1).amax(dim=1) == 0
+        if bool(empty.any()):
+            logger.warning("mask %s is empty: nothing is erased there (the output is the image through the VAE)",
+                           empty.nonzero().flatten().tolist())
+        mask = dilate_mask(mask, self._ae_dilation_kernel(mask_dilation, height, width))
+        return init_image, mask, height, width
+
+    def _check_call_args(self, strength, rm_guidance_scale, ss_scale, ss_steps, ae_start_step, ae_end_step,
+                         inpaint_mode, attention_backend, callback_on_step_end_tensor_inputs):
+        problems = []
+        if not 0 < strength <= 1:
+            problems.append(f"strength must be in (0, 1], got {strength}")
+        if rm_guidance_scale < 0:
+            problems.append(f"rm_guidance_scale must be >= 0 (0 disables SARG), got {rm_guidance_scale}")
+        if ss_scale <= 0:
+            problems.append(f"ss_scale (lambda) must be > 0, got {ss_scale}")
+        if ss_steps < 0 or ae_start_step < 0 or (ae_end_step is not None and ae_end_step < ae_start_step):
+            problems.append(f"step windows must be non-negative and ordered: ss_steps={ss_steps}, "
+                            f"ae_start_step={ae_start_step}, ae_end_step={ae_end_step}")
+        if inpaint_mode not in INPAINT_MODES:
+            problems.append(f"inpaint_mode must be one of {INPAINT_MODES}, got {inpaint_mode!r}")
+        if attention_backend not in MASKED_ATTENTION_BACKENDS:
+            problems.append(f"attention_backend must be one of {MASKED_ATTENTION_BACKENDS}, got {attention_backend!r}")
+        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            problems.append(f"callback_on_step_end_tensor_inputs {bad} are not in {self._callback_tensor_inputs}")
+        if inpaint_mode == "dip":
+            from diffusers import DDIMScheduler
+
+            if not isinstance(self.scheduler, DDIMScheduler):
+                problems.append(f"inpaint_mode='dip' inverts with DDIM but the scheduler is "
+                                f"{type(self.scheduler).__name__}: set pipe.scheduler = "
+                                "DDIMScheduler.from_config(pipe.scheduler.config)")
+        if problems:
+            raise EraserInputError("; ".join(problems))
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def _unet(self, latents, t, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        added = {k: v for k, v in inputs.items() if k != "encoder_hidden_states"}
+        return self.unet(latents, t, encoder_hidden_states=inputs["encoder_hidden_states"],
+                         added_cond_kwargs=added or None, cross_attention_kwargs=self.cross_attention_kwargs,
+                         return_dict=False)[0]
+
+    def _ddim_invert(self, z0: torch.Tensor, timesteps: torch.Tensor, inputs: dict[str, torch.Tensor]):
+        """DDIM inversion of z0 through ``timesteps`` (the reference's ``next_step``): the latent at each
+        timestep, in the order of ``timesteps`` (descending)."""
+        sched = self.scheduler
+        ratio = sched.config.num_train_timesteps // sched.num_inference_steps
+        alphas = sched.alphas_cumprod.to(z0.device)
+        final = torch.as_tensor(sched.final_alpha_cumprod).to(z0.device)
+        z, trajectory = z0, []
+        for t in timesteps.flip(0):
+            eps = self._unet(sched.scale_model_input(z, t), t, inputs)
+            prev = int(t) - ratio
+            a_prev, a_t = (alphas[prev] if prev >= 0 else final), alphas[int(t)]
+            x0 = (z - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
+            z = (a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps).to(z0.dtype)
+            trajectory.append(z)
+        return trajectory[::-1]
+
+    def _erase(self, *, image, mask_image, conditioning: Callable[[int, int], tuple[dict, dict | None]],
+               height, width, strength, num_inference_steps, rm_guidance_scale, ss_scale, ss_steps, ae_start_step,
+               ae_end_step, inpaint_mode, mask_dilation, attention_backend, num_images_per_prompt, eta, generator,
+               callback_on_step_end, callback_on_step_end_tensor_inputs):
+        """Run SIP or DIP with ASS + SARG; returns (final latents, images (B, 3, H, W) in [-1, 1], masks).
+
+        ``conditioning(height, width)`` returns (cond, uncond or None): the UNet's conditioning per prompt
+        (``encoder_hidden_states`` and, for SDXL, ``text_embeds`` and ``time_ids``), leading dimension = number of
+        prompts.
+        """
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import retrieve_timesteps
+        from diffusers.utils.torch_utils import randn_tensor
+
+        device, dtype = self._execution_device, self.unet.dtype
+        init_image, mask, height, width = self._prepare_image_and_mask(image, mask_image, height, width,
+                                                                       mask_dilation)
+        cond, uncond = conditioning(height, width)
+        n = max(init_image.shape[0], mask.shape[0], cond["encoder_hidden_states"].shape[0])
+        per = num_images_per_prompt
+        init_image = _expand(init_image, n, per, "images").to(device)
+        mask = _expand(mask, n, per, "masks").to(device)
+        cond = {k: _expand(v, n, per, "prompts").to(device) for k, v in cond.items()}
+        uncond = None if uncond is None else {k: _expand(v, n, per, "prompts").to(device) for k, v in uncond.items()}
+        batch = n * per
+        if isinstance(generator, list) and len(generator) != batch:
+            raise EraserInputError(f"{len(generator)} generators for a batch of {batch}: give one or {batch}")
+
+        retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        timesteps, n_steps = self.get_timesteps(num_inference_steps, strength, device)
+        if n_steps < 1:
+            raise EraserInputError(f"strength {strength} x {num_inference_steps} steps leaves no step to run")
+        self._num_timesteps = n_steps
+
+        z0 = self._encode_vae_image(init_image.to(dtype), generator)
+        m_lat = latent_mask(mask, self.vae_scale_factor).to(dtype)
+        if m_lat.shape[-2:] != z0.shape[-2:]:
+            raise EraserInputError(f"{height}x{width} does not map onto the {tuple(z0.shape[-2:])} latent grid")
+        if inpaint_mode == "sip":
+            noise = randn_tensor(z0.shape, generator=generator, device=device, dtype=dtype)
+            latents = self.scheduler.add_noise(z0, noise, timesteps[:1].repeat(batch))
+        else:
+            trajectory = self._ddim_invert(z0, timesteps, cond)
+            latents = trajectory[0]
+
+        branches = self._ae_branches()
+        state = AttentionRedirectionState(build_mask_pyramid(mask, self.vae_scale_factor, len(self.unet.down_blocks)),
+                                          ss_scale=ss_scale, backend=attention_backend)
+        inputs = {k: torch.cat([(uncond if b == "uncond" else cond)[k] for b in branches]) for k in cond}
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        end = n_steps if ae_end_step is None else ae_end_step
+        redirect = "redirected" in branches
+        attn_ctx = self._ae_attn_processors(state, len(branches) - 1) if redirect else nullcontext()
+        with attn_ctx, self.progress_bar(total=n_steps) as progress:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                if inpaint_mode == "dip":
+                    latents = m_lat * latents + (1 - m_lat) * trajectory[i]
+                state.set_step(i, active=ae_start_step <= i < end, ss_active=i < ss_steps)
+                model_in = self.scheduler.scale_model_input(torch.cat([latents] * len(branches)), t)
+                noise_pred = self._apply_sarg(self._unet(model_in, t, inputs), branches)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if inpaint_mode == "sip":  # blended latent diffusion: the background follows the image
+                    proper = (z0 if i == n_steps - 1
+                              else self.scheduler.add_noise(z0, noise, timesteps[i + 1 : i + 2]))
+                    latents = (1 - m_lat) * proper + m_lat * latents
+                if callback_on_step_end is not None:
+                    values = {"latents": latents, "noise_pred": noise_pred, "image_latents": z0, "mask_latents": m_lat}
+                    out = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = out.pop("latents", latents)
+                progress.update()
+        if inpaint_mode == "dip":
+            latents = m_lat * latents + (1 - m_lat) * z0
+        return latents, init_image, mask
+
+    def _finish(self, latents, init_image, mask, *, output_type, paste_back, paste_back_blur_radius, generator):
+        """Decode (unless ``output_type='latent'``) and optionally paste the original back outside the mask."""
+        if output_type == "latent":
+            return latents
+        image = self._decode_latents(latents, generator)
+        if paste_back:
+            weight = paste_back_weights(mask, paste_back_blur_radius).to(image.dtype)
+            image = weight * image + (1 - weight) * init_image.to(image.dtype)
+        return image
