@@ -142,3 +142,29 @@ def test_empty_registry_routes_everything_to_the_base_model(tmp_path):
     assert mw.error is None and mw.routing.version is None
     _, headers, chunks = call(mw, "/v1/completions", json.dumps({"model": "base", "prompt": "chemistry"}).encode())
     assert body_of(chunks)["model"] == "base" and headers[b"x-serve-unlearn-scale"] == b"0.0000"
+
+
+def test_a_published_version_is_picked_up_by_status_polls(tmp_path):
+    from serve_unlearn.serving.vllm.routing import publish
+
+    registry = ForgetRegistry(tmp_path / "reg")
+    mw = O3Middleware(echo_app, registry=registry, config=VllmServeConfig(poll_interval_s=0))
+    assert mw.routing.version is None
+    publish(registry, BANK)
+
+    async def poll_until_switched():
+        for _ in range(100):
+            sent = []
+
+            async def send(m):
+                sent.append(m)
+
+            await mw({"type": "http", "method": "GET", "path": "/serve-unlearn/status", "headers": []},
+                     None, send)
+            if json.loads(sent[1]["body"])["version"] == BANK.version:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    assert asyncio.run(poll_until_switched())
+    assert mw.counters["reloads"] == 1

@@ -192,12 +192,12 @@ class O3Middleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        await self._maybe_reload()  # any request (status polls too) may notice a new published version
         path = scope.get("path", "")
         if scope.get("method") == "GET" and path == STATUS_PATH:
             return await _respond_json(send, 200, self.status())
         if scope.get("method") != "POST" or path not in GATED_PATHS:
             return await self.app(scope, receive, send)
-        await self._maybe_reload()
         body = await _read_body(receive)
         try:
             data = json.loads(body)

