@@ -1,19 +1,23 @@
 """The forget-request registry: which requests exist, which are in force, and where their artifacts lie.
 
-Layout: ``root/registry.sqlite`` (WAL) and ``root/requests/<id>/`` (artifacts, written by the trainers).
-A request trains into a private ``root/staging/<id>/`` folder and becomes ``ready`` in one step (the folder is
-renamed into ``requests/``, then one transaction sets the status and the version), so a reader never sees a ready
-request without its artifacts. A process killed while training leaves a ``training`` row whose owner is gone;
-every open (and ``list``/``get``/``ready``) turns such rows into ``failed`` and removes their folders, so the name
-can be registered again and nothing else is touched.
+Layout: ``root/requests/<id>/`` (artifacts, written by the trainers) and the rows, in ``root/registry.sqlite``
+(WAL) by default, or in a PostgreSQL database when several servers (replicas, possibly on several hosts) share one
+registry; they then mount ``root`` from a shared filesystem. A request trains into a private ``root/staging/<id>/``
+folder and becomes ``ready`` in one step (the folder is renamed into ``requests/``, then one transaction sets the
+status and the version), so a reader never sees a ready request without its artifacts. A process killed while
+training leaves a ``training`` row whose owner is gone; every open (and ``list``/``get``/``ready``) turns such rows
+into ``failed`` and removes their folders, so the name can be registered again and nothing else is touched. A dead
+owner is recognised by its pid on the same host, and on PostgreSQL also from any host by a lease its process stops
+renewing.
 
-Every SQL statement lives in :class:`SQLiteStore`, so a store for a shared database (PostgreSQL, for several
-servers) can be added with the same methods without touching callers. The registry writes only SQLite rows and
-folders; artifacts are safetensors and JSON written by others. Nothing is pickled.
+Every SQL statement lives in :class:`SQLStore`, written once in the SQL both databases accept; :class:`SQLiteStore`
+and :class:`~serve_unlearn.adapters.registry_postgres.PostgresStore` only connect, lock and create the schema. The
+registry writes only rows and folders; artifacts are safetensors and JSON written by others. Nothing is pickled.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
@@ -27,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
 
 from ..errors import ArtifactError, RegistryError, UnknownRequestError, UnlearnDataError
 
@@ -36,27 +41,34 @@ SCHEMA_VERSION = 1
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 GENERATION_KEY = "generation"
 
-_SCHEMA = (
-    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    """CREATE TABLE requests (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
-        name TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        data_digest TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('training', 'ready', 'failed', 'retired')),
-        version INTEGER UNIQUE,
-        artifacts TEXT NOT NULL DEFAULT '{}',
-        config TEXT NOT NULL,
-        error TEXT,
-        owner_pid INTEGER NOT NULL,
-        owner_start TEXT,
-        owner_host TEXT NOT NULL)""",
-    # At most one live (training or ready) request per name, even if two processes race past the check.
-    "CREATE UNIQUE INDEX requests_live_name ON requests (name) WHERE status IN ('training', 'ready')",
-    "CREATE INDEX requests_status ON requests (status)",
-)
+DATABASE_ENV = "SERVE_UNLEARN_REGISTRY_DATABASE"
+
+
+def schema(seq_column: str, extra_columns: str = "") -> tuple[str, ...]:
+    """The registry's tables in either database's dialect: only the ``seq`` key and extra columns differ."""
+    return (
+        "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        f"""CREATE TABLE requests (
+            seq {seq_column},
+            id TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            data_digest TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('training', 'ready', 'failed', 'retired')),
+            version INTEGER UNIQUE,
+            artifacts TEXT NOT NULL DEFAULT '{{}}',
+            config TEXT NOT NULL,
+            error TEXT,
+            owner_pid INTEGER NOT NULL,
+            owner_start TEXT,
+            owner_host TEXT NOT NULL{extra_columns})""",
+        # At most one live (training or ready) request per name, even if two processes race past the check.
+        "CREATE UNIQUE INDEX requests_live_name ON requests (name) WHERE status IN ('training', 'ready')",
+        "CREATE INDEX requests_status ON requests (status)",
+    )
+
+
 _COLUMNS = "id, name, created_at, data_digest, status, version, artifacts, config, error"
 
 
@@ -136,69 +148,48 @@ def check_name(name: str) -> None:
                                "or '-', starting with a letter or digit")
 
 
-class SQLiteStore:
-    """Every SQL statement of the registry. A short-lived connection per operation keeps it safe across threads
-    and across processes forked by servers; writes take the write lock up front (BEGIN IMMEDIATE)."""
+class Connection(Protocol):
+    """What :class:`SQLStore` needs of a connection: sqlite3's ``execute``, with ``?`` placeholders."""
 
-    def __init__(self, path: Path, *, create: bool):
-        self.path = path
-        self._uri = path.resolve().as_uri() + "?mode=rw"
-        with self._errors():
-            con = sqlite3.connect(path.resolve().as_uri() + ("?mode=rwc" if create else "?mode=rw"), uri=True,
-                                  timeout=30, isolation_level=None)
-        try:
-            with self._errors():
-                con.execute("PRAGMA journal_mode=WAL")
-                con.execute("BEGIN IMMEDIATE")
-                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if "schema_version" not in tables:
-                    self._create_schema(con, tables, create)
-                else:
-                    self._check_schema(con, tables)
-                con.execute("COMMIT")
-        finally:
-            con.close()
+    def execute(self, sql: str, params: tuple = ..., /) -> Any: ...
 
-    def _create_schema(self, con: sqlite3.Connection, tables: set[str], create: bool) -> None:
-        if tables or not create:
-            raise RegistryError(f"{self.path} is not a serve-unlearn registry (no schema_version table)")
-        for statement in _SCHEMA:
-            con.execute(statement)
-        con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-        con.execute("INSERT INTO meta (key, value) VALUES (?, '0')", (GENERATION_KEY,))
 
-    def _check_schema(self, con: sqlite3.Connection, tables: set[str]) -> None:
-        row = con.execute("SELECT max(version) FROM schema_version").fetchone()
-        if row[0] is None or {"meta", "requests"} - tables:
-            raise RegistryError(f"registry database {self.path} is incomplete (corrupt); move it aside")
-        if row[0] > SCHEMA_VERSION:
-            raise RegistryError(f"registry {self.path} has schema version {row[0]}, written by a newer "
-                                f"serve-unlearn (this one reads up to {SCHEMA_VERSION}); upgrade serve-unlearn")
+class SQLStore(abc.ABC):
+    """Every SQL statement of the registry, in the SQL SQLite and PostgreSQL share (``?`` placeholders).
 
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.OperationalError as exc:
-            raise RegistryError(f"registry database {self.path} is unavailable: {exc}") from exc
-        except sqlite3.DatabaseError as exc:
-            raise RegistryError(f"registry database {self.path} is corrupt or not a registry ({exc}); move it "
-                                "aside and register the requests again") from exc
+    A subclass supplies :meth:`_connect` (a short-lived connection per operation: safe across threads and across
+    processes forked by servers; with ``write``, one transaction holding the registry's write lock, so a check and
+    the write it guards cannot interleave with another writer), the schema, and ``_LEASE_EXPIRED``, the SQL that
+    tells whether a training row's lease ran out.
+    """
 
-    @contextlib.contextmanager
-    def _connect(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-        """A connection, in one write transaction when ``write``; an exception rolls it back."""
-        with self._errors():
-            con = sqlite3.connect(self._uri, uri=True, timeout=30, isolation_level=None)
-            try:
-                if write:
-                    con.execute("PRAGMA synchronous=FULL")  # a ready row survives power loss, like its files
-                    con.execute("BEGIN IMMEDIATE")
-                yield con
-                if write:
-                    con.execute("COMMIT")
-            finally:
-                con.close()
+    where: str  # the database, as error messages name it
+    _LEASE_EXPIRED = "0"  # stores without leases rely on the same-host pid check alone
+
+    @abc.abstractmethod
+    def _connect(self, *, write: bool = False) -> contextlib.AbstractContextManager[Connection]:
+        """A connection for one operation; with ``write``, in a transaction holding the write lock."""
+
+    def _open_schema(self, con: Connection, tables: set[str], create: bool, schema_sql: tuple[str, ...]) -> None:
+        """Create the schema in an empty database, or check the one there; ``con`` holds the write lock."""
+        if "schema_version" in tables:
+            row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+            if row[0] is None or {"meta", "requests"} - tables:
+                raise RegistryError(f"registry database {self.where} is incomplete (corrupt); move it aside")
+            if row[0] > SCHEMA_VERSION:
+                raise RegistryError(f"registry {self.where} has schema version {row[0]}, written by a newer "
+                                    f"serve-unlearn (this one reads up to {SCHEMA_VERSION}); upgrade serve-unlearn")
+        elif tables:
+            raise RegistryError(f"{self.where} is not a serve-unlearn registry (it holds other tables: "
+                                f"{', '.join(sorted(tables))}); give the registry a database of its own")
+        elif not create:
+            raise RegistryError(f"no forget-request registry in {self.where} (its tables are missing); "
+                                "`serve-unlearn o3 forget --registry DIR` creates one")
+        else:
+            for statement in schema_sql:
+                con.execute(statement)
+            con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            con.execute("INSERT INTO meta (key, value) VALUES (?, '0')", (GENERATION_KEY,))
 
     @staticmethod
     def _request(row: tuple) -> ForgetRequest:
@@ -206,26 +197,33 @@ class SQLiteStore:
         return ForgetRequest(rid, name, created_at, digest, status, version, json.loads(artifacts),
                              json.loads(config), error)
 
-    def _bump_generation(self, con: sqlite3.Connection) -> int:
-        con.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = ?", (GENERATION_KEY,))
+    def _bump_generation(self, con: Connection) -> int:
+        con.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = ?",
+                    (GENERATION_KEY,))
         return int(con.execute("SELECT value FROM meta WHERE key = ?", (GENERATION_KEY,)).fetchone()[0])
+
+    def lease(self, request_id: str) -> contextlib.AbstractContextManager:
+        """Keeps the owner's lease on a training row alive while the block runs (a no-op without leases)."""
+        return contextlib.nullcontext()
 
     def insert(self, request: ForgetRequest, owner: Owner) -> None:
         """Add a ``training`` row; RegistryError when the name already has a ready or training request."""
-        config = json.dumps(request.config)
         with self._connect(write=True) as con:
-            live = con.execute("SELECT status, owner_pid, owner_host FROM requests WHERE name = ? AND status IN "
-                               "('training', 'ready')", (request.name,)).fetchone()
-            if live is not None and live[0] == "ready":
-                raise RegistryError(f"forget request {request.name!r} is already registered and ready; retire "
-                                    "it first or choose another name")
-            if live is not None:
-                raise RegistryError(f"forget request {request.name!r} is being registered right now (process "
-                                    f"{live[1]} on {live[2]}); wait for it or choose another name")
-            con.execute("INSERT INTO requests (id, name, created_at, data_digest, status, config, owner_pid, "
-                        "owner_start, owner_host) VALUES (?, ?, ?, ?, 'training', ?, ?, ?, ?)",
-                        (request.id, request.name, request.created_at, request.data_digest, config, owner.pid,
-                         owner.start, owner.host))
+            self._insert(con, request, owner)
+
+    def _insert(self, con: Connection, request: ForgetRequest, owner: Owner) -> None:
+        live = con.execute("SELECT status, owner_pid, owner_host FROM requests WHERE name = ? AND status IN "
+                           "('training', 'ready')", (request.name,)).fetchone()
+        if live is not None and live[0] == "ready":
+            raise RegistryError(f"forget request {request.name!r} is already registered and ready; retire "
+                                "it first or choose another name")
+        if live is not None:
+            raise RegistryError(f"forget request {request.name!r} is being registered right now (process "
+                                f"{live[1]} on {live[2]}); wait for it or choose another name")
+        con.execute("INSERT INTO requests (id, name, created_at, data_digest, status, config, owner_pid, "
+                    "owner_start, owner_host) VALUES (?, ?, ?, ?, 'training', ?, ?, ?, ?)",
+                    (request.id, request.name, request.created_at, request.data_digest,
+                     json.dumps(request.config), owner.pid, owner.start, owner.host))
 
     def mark_ready(self, request_id: str, artifacts: dict[str, str]) -> None:
         with self._connect(write=True) as con:
@@ -274,11 +272,12 @@ class SQLiteStore:
         with self._connect() as con:
             return dict(con.execute("SELECT id, status FROM requests"))
 
-    def training(self) -> list[tuple[str, Owner]]:
+    def training(self) -> list[tuple[str, Owner, bool]]:
+        """The training rows: id, owner, and whether the owner's lease ran out."""
         with self._connect() as con:
-            rows = con.execute("SELECT id, owner_pid, owner_start, owner_host FROM requests WHERE status = "
-                               "'training'").fetchall()
-        return [(rid, Owner(pid, start, host)) for rid, pid, start, host in rows]
+            rows = con.execute(f"SELECT id, owner_pid, owner_start, owner_host, {self._LEASE_EXPIRED} FROM "
+                               "requests WHERE status = 'training'").fetchall()
+        return [(rid, Owner(pid, start, host), bool(expired)) for rid, pid, start, host, expired in rows]
 
     def get_meta(self, key: str) -> str | None:
         with self._connect() as con:
@@ -291,13 +290,70 @@ class SQLiteStore:
                         "excluded.value", (key, value))
 
 
-class ForgetRegistry:
-    """Forget requests and their artifacts under one folder; safe to share between processes on one host."""
+class SQLiteStore(SQLStore):
+    """The registry in ``registry.sqlite`` (WAL); writes take SQLite's write lock up front (BEGIN IMMEDIATE)."""
 
-    def __init__(self, root: str | os.PathLike, *, create: bool = True):
+    def __init__(self, path: Path, *, create: bool):
+        self.path = path
+        self.where = str(path)
+        self._uri = path.resolve().as_uri() + "?mode=rw"
+        with self._errors():
+            con = sqlite3.connect(path.resolve().as_uri() + ("?mode=rwc" if create else "?mode=rw"), uri=True,
+                                  timeout=30, isolation_level=None)
+        try:
+            with self._errors():
+                con.execute("PRAGMA journal_mode=WAL")
+                con.execute("BEGIN IMMEDIATE")
+                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND "
+                                                    "name NOT LIKE 'sqlite_%'")}
+                self._open_schema(con, tables, create, schema("INTEGER PRIMARY KEY AUTOINCREMENT"))
+                con.execute("COMMIT")
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            raise RegistryError(f"registry database {self.path} is unavailable: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(f"registry database {self.path} is corrupt or not a registry ({exc}); move it "
+                                "aside and register the requests again") from exc
+
+    @contextlib.contextmanager
+    def _connect(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """A connection, in one write transaction when ``write``; an exception rolls it back."""
+        with self._errors():
+            con = sqlite3.connect(self._uri, uri=True, timeout=30, isolation_level=None)
+            try:
+                if write:
+                    con.execute("PRAGMA synchronous=FULL")  # a ready row survives power loss, like its files
+                    con.execute("BEGIN IMMEDIATE")
+                yield con
+                if write:
+                    con.execute("COMMIT")
+            finally:
+                con.close()
+
+
+class ForgetRegistry:
+    """Forget requests and their artifacts under one folder.
+
+    The rows live in ``root/registry.sqlite`` (safe to share between processes on one host) unless ``database``,
+    or else ``$SERVE_UNLEARN_REGISTRY_DATABASE``, names a PostgreSQL database (a DSN or URL such as
+    ``postgresql://user@host/serve_unlearn``): then replicas on several hosts share the registry, and each must
+    mount the same ``root`` (a shared filesystem), because the artifacts stay there. ``lease_ttl`` (PostgreSQL
+    only, seconds) is how long a training request survives without its process renewing its lease (every
+    ``lease_ttl / 6`` s) before any replica marks it failed.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, create: bool = True, database: str | None = None,
+                 lease_ttl: float = 60.0):
         self.root = Path(root)
+        database = database or os.environ.get(DATABASE_ENV) or None
         db = self.root / "registry.sqlite"
-        if not create and not db.is_file():
+        if database is None and not create and not db.is_file():
             raise RegistryError(f"no forget-request registry at {self.root} (registry.sqlite is missing); "
                                 "`serve-unlearn o3 forget --registry DIR` creates one")
         self._staging = self.root / "staging"
@@ -308,11 +364,20 @@ class ForgetRegistry:
                 self._requests.mkdir(exist_ok=True)
             except OSError as exc:
                 raise RegistryError(f"cannot create a registry at {self.root}: {exc}") from exc
-        self._store = SQLiteStore(db, create=create)
+        if database is None:
+            self._store: SQLStore = SQLiteStore(db, create=create)
+        else:
+            from .registry_postgres import PostgresStore  # its driver is optional
+
+            self._store = PostgresStore(database, create=create, lease_ttl=lease_ttl)
+            if db.exists():
+                logger.warning("%s is ignored: this registry's rows live in %s", db, self._store.where)
         self._reap(sweep=True)
 
     def __repr__(self) -> str:
-        return f"ForgetRegistry({str(self.root)!r})"
+        if isinstance(self._store, SQLiteStore):
+            return f"ForgetRegistry({str(self.root)!r})"
+        return f"ForgetRegistry({str(self.root)!r}, database={self._store.where!r})"
 
     @contextlib.contextmanager
     def register(self, name: str, data_digest: str, config: dict) -> Iterator[Staging]:
@@ -326,9 +391,10 @@ class ForgetRegistry:
                                          None), Owner.current())
         staging = Staging(request_id, self._staging / request_id)
         try:
-            staging.dir.mkdir(parents=True)
-            yield staging
-            self._make_ready(staging)
+            with self._store.lease(request_id):
+                staging.dir.mkdir(parents=True)
+                yield staging
+                self._make_ready(staging)
         except BaseException as exc:
             self._abort(request_id, ": ".join(filter(None, (type(exc).__name__, str(exc)))))
             raise
@@ -336,6 +402,10 @@ class ForgetRegistry:
     def _make_ready(self, staging: Staging) -> None:
         """Files durable, then the folder in place, then the row: a crash at any point leaves no ready row
         pointing at missing files, and the reaper cleans what is left."""
+        if not staging.dir.is_dir():
+            raise RegistryError(f"forget request {staging.request_id} lost its staging folder {staging.dir}: "
+                                "another process marked it failed (its owner looked dead or its lease ran out); "
+                                "register it again")
         missing = sorted(k for k, rel in staging.artifacts.items() if not (staging.dir / rel).exists())
         if missing:
             raise ArtifactError(f"artifacts {missing} were declared but not written into {staging.dir}")
@@ -355,13 +425,17 @@ class ForgetRegistry:
             shutil.rmtree(folder, ignore_errors=True)
 
     def _reap(self, *, sweep: bool = False) -> None:
-        """Fail ``training`` rows whose process is gone, then drop folders that no live request owns."""
-        dead = [(rid, owner) for rid, owner in self._store.training() if owner.is_gone()]
-        for rid, owner in dead:
-            if self._store.mark_failed(rid, f"interrupted (process {owner.pid} died during training); "
-                                            "register it again"):
-                logger.warning("forget request %s: process %s died during training; marked failed", rid,
-                               owner.pid)
+        """Fail ``training`` rows whose process is gone or whose lease ran out, then drop folders that no live
+        request owns."""
+        dead = []
+        for rid, owner, lease_expired in self._store.training():
+            if owner.is_gone():
+                dead.append((rid, f"process {owner.pid} died during training"))
+            elif lease_expired:
+                dead.append((rid, f"process {owner.pid} on {owner.host} stopped renewing its lease during training"))
+        for rid, why in dead:
+            if self._store.mark_failed(rid, f"interrupted ({why}); register it again"):
+                logger.warning("forget request %s: %s; marked failed", rid, why)
         if dead or sweep:
             self._sweep()
 
