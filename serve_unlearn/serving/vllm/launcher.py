@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...adapters.registry import ForgetRegistry
+from ...adapters.registry import DATABASE_ENV, ForgetRegistry
 from ...adapters.served import served_adapter
 from .bank import AdapterBank, build_bank, max_lora_rank
 from .config import CONFIG_ENV, REGISTRY_ENV, VllmServeConfig
@@ -69,6 +69,8 @@ def plan(model: str, registry: ForgetRegistry, config: VllmServeConfig, *, confi
            **config.env}
     if config_path:
         env[CONFIG_ENV] = str(Path(config_path).resolve())
+    if config.registry_database:
+        env[DATABASE_ENV] = config.registry_database
     return LaunchPlan(argv, env, bank)
 
 
@@ -76,7 +78,7 @@ def launch(model: str, registry_root: str, config_path: str | None = None, *, ex
            dry_run: bool = False) -> int:
     """Print the command (``dry_run``) or publish the bank and replace this process with vLLM."""
     config = VllmServeConfig.load(config_path)
-    registry = ForgetRegistry(registry_root)
+    registry = ForgetRegistry(registry_root, database=config.registry_database)
     p = plan(model, registry, config, config_path=config_path, extra_args=list(extra_args), write=not dry_run)
     print(p.shell(), flush=True)
     if dry_run:

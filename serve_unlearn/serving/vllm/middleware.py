@@ -132,7 +132,7 @@ class O3Middleware:
                 root = os.environ.get(REGISTRY_ENV)
                 if not root:
                     raise ValueError(f"set {REGISTRY_ENV} to the forget-request registry folder")
-                self.registry = ForgetRegistry(root, create=False)
+                self.registry = ForgetRegistry(root, create=False, database=self.config.registry_database)
             self.routing = load_routing(self.registry, self.config.gate)
             logger.info("serve-unlearn middleware: routing to bank version %s", self.routing.version)
         except Exception as exc:  # noqa: BLE001 - the server must come up and report, not crash
