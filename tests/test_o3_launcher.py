@@ -84,7 +84,7 @@ def test_tensor_parallel_and_replicas_on_a_shared_postgres_registry(tmp_path, ca
 
 
 def test_empty_registry_serves_the_base_model_with_lora_enabled(tmp_path, capsys):
-    env, argv = _dry_run(capsys, "--model", "/m", "--registry", str(tmp_path / "new"))
+    _, argv = _dry_run(capsys, "--model", "/m", "--registry", str(tmp_path / "new"))
     assert "--enable-lora" in argv and "--lora-modules" not in argv
 
 
