@@ -7,7 +7,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) examples/salun_smollm2_demo.py
+	$(PY) examples/o3_vllm_demo.py
 
 test: setup
 	$(PY) -m pytest -q
@@ -16,3 +16,9 @@ bench: setup
 	$(PY) benchmarks/unlearn_classification.py
 	$(PY) benchmarks/patch_apply.py
 	$(PY) benchmarks/vllm_start.py
+	$(PY) benchmarks/o3_gate.py
+	$(PY) benchmarks/o3_gate_latency.py
+	$(PY) benchmarks/o3_vllm_serving.py
+	$(PY) benchmarks/masked_attention.py
+	$(PY) benchmarks/eraser_quality.py
+	$(PY) benchmarks/eraser_unet_step.py
