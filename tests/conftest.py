@@ -64,3 +64,11 @@ def _seed():
 @pytest.fixture(scope="session")
 def repo_root():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer BERT encoder (no MLM head, like MiniLM) with a local WordPiece tokenizer."""
+    from serve_unlearn.testing.tiny_models import build_tiny_bert
+
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))

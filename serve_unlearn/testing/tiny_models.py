@@ -71,3 +71,28 @@ def build_tiny_unet(seed: int = 0):
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
     )
+
+
+def build_tiny_bert(out_dir: str | Path, seed: int = 0, mlm_head: bool = False) -> Path:
+    """A 2-layer BERT (hidden 32) with a locally trained WordPiece tokenizer, saved as an HF folder: a stand-in
+    for the detector's MiniLM backbone (``mlm_head=True`` saves a BertForMaskedLM, like roberta-large's)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForMaskedLM, BertModel, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(TINY_CORPUS * 20, trainers.WordPieceTrainer(vocab_size=256, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                     sep_token="[SEP]", mask_token="[MASK]")
+    hf_tok.save_pretrained(out)
+    cfg = BertConfig(vocab_size=len(hf_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    model = (BertForMaskedLM if mlm_head else BertModel)(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    return out

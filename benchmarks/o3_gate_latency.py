@@ -1,0 +1,198 @@
+"""O3 gate latency on CPU: what scoring a batch of prompts costs with 1 and with 5 forget requests.
+
+Trains 5 MiniLM detectors on short synthetic topic texts (astronomy, cooking, football, gardening, personal
+finance; cached under ``~/.cache/serve-unlearn/bench/o3_gate_latency``), then times ``DetectorEnsemble.weights``
+for 1, 8 and 32 prompts with the first 1 and all 5 detectors. Target: 5 requests cost <= 1.5x one.
+
+It does so for each ``--lora-layers`` variant: ``all`` (O3: LoRA on every layer, so the ensemble repeats the
+whole encoder per request in one mixed batch), ``1`` (LoRA on the top layer; the 5 lower layers run once) and
+``0`` (no LoRA: one shared pass, the requests differ only in their statistics). For each it also reports AUROCs:
+every topic detector's held-out topic texts against the other topics' and general questions (synthetic, easy),
+and a detector trained on 30 of the 45 chemistry questions of ``examples/data/smollm2_forget.jsonl``, its 15
+held-out ones against the 71 general questions of ``smollm2_retain.jsonl`` (real wording, harder).
+
+Writes ``benchmarks/results/o3_gate_latency.json`` and prints a table.
+
+    python benchmarks/o3_gate_latency.py [--lora-layers all,1,0] [--threads 1] [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+N_TRAIN, N_HELD = 24, 12
+
+TOPICS = {
+    "astronomy": (["the planet Mars", "Jupiter's moons", "a red giant star", "the Andromeda galaxy", "a comet's tail",
+                   "a black hole", "the rings of Saturn", "a solar eclipse", "a neutron star", "the Milky Way"],
+                  ["How far away is {}?", "What is {} made of?", "Can a telescope show {}?", "How did {} form?",
+                   "Why do astronomers study {}?", "What would we see near {}?"]),
+    "cooking": (["a sourdough loaf", "risotto", "a beef stew", "puff pastry", "a vinaigrette", "fried rice",
+                 "a chocolate souffle", "pancakes", "a tomato sauce", "roast chicken"],
+                ["How long should I cook {}?", "What goes wrong when making {}?", "Which pan is best for {}?",
+                 "What spices suit {}?", "Can I prepare {} a day ahead?", "How do chefs season {}?"]),
+    "football": (["a penalty kick", "the offside rule", "a corner kick", "the World Cup final", "a goalkeeper",
+                  "a red card", "extra time", "a free kick", "the midfield", "a hat-trick"],
+                 ["How does the referee judge {}?", "What is the history of {}?", "Why do coaches worry about {}?",
+                  "How do players train for {}?", "When was {} introduced?", "What tactics involve {}?"]),
+    "gardening": (["tomato seedlings", "a compost heap", "rose bushes", "clay soil", "a vegetable bed",
+                   "aphids on leaves", "tulip bulbs", "a lawn in spring", "fruit trees", "herbs in pots"],
+                  ["How often should I water {}?", "When is the best time to plant {}?", "How do I protect {}?",
+                   "What fertiliser helps {}?", "Why is {} not growing?", "How do gardeners prune {}?"]),
+    "personal finance": (["a retirement account", "a credit card balance", "an index fund", "a mortgage",
+                          "an emergency fund", "a monthly budget", "student loans", "compound interest",
+                          "a savings account", "income tax returns"],
+                         ["How should I plan {}?", "What are the risks of {}?", "Is {} worth it for a young person?",
+                          "How do banks handle {}?", "What mistakes do people make with {}?",
+                          "How can I improve {}?"]),
+}
+
+
+def topic_texts(topic: str) -> list[str]:
+    """N_TRAIN + N_HELD distinct questions of one topic, in a fixed shuffled order."""
+    things, templates = TOPICS[topic]
+    texts = [t.format(x) for t, x in itertools.product(templates, things)]
+    random.Random(topic).shuffle(texts)
+    return texts[:N_TRAIN + N_HELD]
+
+
+def prompts_of(name: str) -> list[str]:
+    lines = (REPO / "examples" / "data" / name).read_text().splitlines()
+    return [json.loads(line)["prompt"] for line in lines if line.strip()]
+
+
+def general_questions() -> list[str]:
+    return prompts_of("smollm2_retain.jsonl")
+
+
+def chemistry_auroc(lora_layers: int | None) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    from serve_unlearn.adapters.detector import DetectorConfig, OODDetector
+
+    chem = prompts_of("smollm2_forget.jsonl")
+    order = np.random.default_rng(0).permutation(len(chem))
+    train, held = [chem[i] for i in order[:30]], [chem[i] for i in order[30:]]
+    det = OODDetector.train(train, DetectorConfig(lora_layers=lora_layers), progress=False)
+    general = general_questions()
+    labels = np.r_[np.ones(len(held)), np.zeros(len(general))]
+    return float(roc_auc_score(labels, np.r_[det.scores(held), det.scores(general)]))
+
+
+def detectors(lora_layers: int | None, cache: Path, progress: bool):
+    """One detector per topic, trained once and reloaded from ``cache`` afterwards."""
+    from serve_unlearn.adapters.detector import DetectorConfig, OODDetector
+    from serve_unlearn.errors import ArtifactError
+
+    out, seconds = [], {}
+    for i, topic in enumerate(TOPICS):
+        folder = cache / f"lora_{'all' if lora_layers is None else lora_layers}" / topic.replace(" ", "_")
+        try:
+            det = OODDetector.load(folder)  # the ensembles below move them all onto one backbone
+        except ArtifactError:
+            t0 = time.perf_counter()
+            det = OODDetector.train(topic_texts(topic)[:N_TRAIN], DetectorConfig(lora_layers=lora_layers, seed=i),
+                                    progress=progress)
+            seconds[topic] = time.perf_counter() - t0
+            det.save(folder)
+        out.append(det)
+    return out, seconds
+
+
+def aurocs(dets) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    from serve_unlearn.adapters.detector import DetectorEnsemble
+
+    held = {t: topic_texts(t)[N_TRAIN:] for t in TOPICS}
+    general = general_questions()
+    scores = DetectorEnsemble(dets).scores([x for t in TOPICS for x in held[t]] + general)
+    out = {}
+    for i, topic in enumerate(TOPICS):
+        labels = np.r_[[float(t == topic) for t in TOPICS for _ in held[t]], np.zeros(len(general))]
+        out[topic] = float(roc_auc_score(labels, scores[i]))
+    return out
+
+
+def latency(ensembles: dict, prompts: list[str], repeats: int) -> dict[str, dict[str, float]]:
+    """Per-call latency (ms) of scoring ``prompts`` in one batch with each ensemble: wall-clock p50 and p99, and
+    the p50 of this process's CPU time. The ensembles' calls alternate, so a neighbour's load on a shared machine
+    hits them alike; CPU time (one thread) is what the scoring itself costs, whatever else runs."""
+    for ens in ensembles.values():
+        for _ in range(3):
+            ens.weights(prompts)
+    wall: dict = {k: [] for k in ensembles}
+    cpu: dict = {k: [] for k in ensembles}
+    for _ in range(repeats):
+        for k, ens in ensembles.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            ens.weights(prompts)
+            cpu[k].append((time.process_time() - c0) * 1e3)
+            wall[k].append((time.perf_counter() - w0) * 1e3)
+    out = {}
+    for k in ensembles:
+        p50, p99 = np.percentile(wall[k], [50, 99])
+        out[k] = {"call_p50_ms": float(p50), "call_p99_ms": float(p99), "call_cpu_p50_ms": float(np.median(cpu[k])),
+                  "per_prompt_p50_ms": float(p50) / len(prompts), "per_prompt_p99_ms": float(p99) / len(prompts)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lora-layers", default="all,1,0", help="comma-separated variants: all, or a layer count")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared 2-core machine 2 threads stall on each other)")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--cache", default=None, help="detector cache (default ~/.cache/serve-unlearn/bench/...)")
+    args = ap.parse_args()
+
+    import torch
+
+    from serve_unlearn.adapters.detector import DetectorEnsemble
+    from serve_unlearn.models.packaged import default_cache_dir
+
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache) if args.cache else default_cache_dir() / "bench" / "o3_gate_latency"
+    pool = [x for t in TOPICS for x in topic_texts(t)[N_TRAIN:]] + general_questions()
+    random.Random(0).shuffle(pool)
+    results: dict = {"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+                     "backbone": "all-MiniLM-L6-v2 (6 layers, 384-d)", "variants": {}}
+    for spec in args.lora_layers.split(","):
+        lora_layers = None if spec == "all" else int(spec)
+        dets, train_s = detectors(lora_layers, cache, progress=True)
+        row: dict = {"train_seconds": train_s, "auroc": aurocs(dets), "auroc_chemistry": chemistry_auroc(lora_layers),
+                     "latency": {}}
+        for n in (1, 8, 32):
+            r = latency({"1": DetectorEnsemble(dets[:1]), "5": DetectorEnsemble(dets)}, pool[:n], args.repeats)
+            r["ratio_p50"] = r["5"]["call_p50_ms"] / r["1"]["call_p50_ms"]
+            r["ratio_cpu_p50"] = r["5"]["call_cpu_p50_ms"] / r["1"]["call_cpu_p50_ms"]
+            row["latency"][n] = r
+        results["variants"][spec] = row
+
+    print(f"\nO3 gate latency, MiniLM on CPU ({args.threads} thread(s)), wall-clock ms per prompt p50 / p99 "
+          f"({args.repeats} calls each, 1- and 5-request calls alternating)")
+    print("| LoRA layers | prompts | 1 request | 5 requests | 5 / 1 wall p50 | 5 / 1 CPU p50 | "
+          "AUROC topics (min of 5) | AUROC chemistry |")
+    print("|---|---|---|---|---|---|---|---|")
+    for spec, row in results["variants"].items():
+        for n, r in row["latency"].items():
+            print(f"| {spec} | {n} | {r['1']['per_prompt_p50_ms']:.2f} / {r['1']['per_prompt_p99_ms']:.2f} | "
+                  f"{r['5']['per_prompt_p50_ms']:.2f} / {r['5']['per_prompt_p99_ms']:.2f} | "
+                  f"{r['ratio_p50']:.2f}x | {r['ratio_cpu_p50']:.2f}x | {min(row['auroc'].values()):.3f} | "
+                  f"{row['auroc_chemistry']:.3f} |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "o3_gate_latency.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {RESULTS / 'o3_gate_latency.json'}")
+
+
+if __name__ == "__main__":
+    main()

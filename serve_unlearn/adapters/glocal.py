@@ -1,0 +1,143 @@
+"""The detector's statistics: per-layer glocal scores, their one-class-SVM aggregation, and the calibration to w_raw.
+
+Fitting uses scikit-learn (Ledoit-Wolf shrinkage, ``OneClassSVM``); scoring uses only tensors, so a saved detector
+scores without any scikit-learn object and without pickle. Arithmetic is float64 (log-densities reach the
+thousands on 384-d features and the calibration compares differences of them); stored statistics are float32.
+
+Per layer l, with f_l(x) the masked-mean-pooled hidden state:
+
+- global ``g_l(x) = -1/2 (f_l(x) - mu_l)^T P_l (f_l(x) - mu_l)``, P_l the Ledoit-Wolf precision (n < d, so the
+  empirical covariance of the reference is singular);
+- local ``c_l(x) = max_j cos(f_l(x), bank_l[j])`` over the fitted forget texts;
+- ``s_l(x) = g_l(x) + gamma * c_l(x)``: both terms rise for forget-like text (see ``detector`` for why the
+  reference's ``- gamma * c_l`` is not used).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# sigmoid(zeta * p - RANGE_TH): the reference's `range_th`; w_raw spans (sigmoid(-2), sigmoid(zeta - 2))
+RANGE_TH = 2.0
+
+
+@dataclass
+class LayerStats:
+    """Per-layer Gaussian and nearest-neighbour statistics of the fitted forget texts (L layers, N texts, d dims)."""
+
+    mean: torch.Tensor       # (L, d)
+    precision: torch.Tensor  # (L, d, d)
+    bank: torch.Tensor       # (L, N, d), rows L2-normalised
+
+    @classmethod
+    def fit(cls, feats: torch.Tensor) -> LayerStats:
+        """``feats``: (L, N, d) pooled features of the texts the detector is fitted on."""
+        from sklearn.covariance import LedoitWolf
+
+        x = feats.double()
+        precision = torch.stack([torch.from_numpy(LedoitWolf().fit(layer.numpy()).precision_) for layer in x])
+        # rounded to the float32 they are stored in, so a loaded detector scores exactly as the trained one
+        return cls(*(t.float().double() for t in (x.mean(dim=1), precision, torch.nn.functional.normalize(x, dim=-1))))
+
+    def parts(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g, c), each (n, L), of (L, n, d) features: the Gaussian log-density and the nearest-neighbour cosine."""
+        x = feats.double()
+        centred = x - self.mean[:, None, :]
+        g = -0.5 * ((centred @ self.precision) * centred).sum(dim=-1)
+        c = torch.einsum("lnd,lmd->lnm", torch.nn.functional.normalize(x, dim=-1), self.bank).amax(dim=-1)
+        return g.T, c.T
+
+    def scores(self, feats: torch.Tensor, gamma: float) -> torch.Tensor:
+        """(n, L) glocal scores g + gamma * c."""
+        g, c = self.parts(feats)
+        return g + gamma * c
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """float32 for storage (a roberta-large detector's 24 precision matrices are 100 MB so)."""
+        return {"mean": self.mean.float(), "precision": self.precision.float(), "bank": self.bank.float()}
+
+
+def crossfit_parts(feats: torch.Tensor, folds: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Out-of-fold (g, c), each (N, L), of the fitted texts themselves.
+
+    Scored in-sample, every text finds itself in the bank (cosine 1) and sits inside a Gaussian fitted on it
+    (on MiniLM its log-density is about 10x higher than a new text's from the same topic), so the SVM and mu1
+    would describe a distribution no new prompt comes from. K-fold scores look like new forget-like text.
+    """
+    n = feats.shape[1]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    g, c = (torch.empty(n, feats.shape[0], dtype=torch.float64) for _ in range(2))
+    for held in order.tensor_split(folds):
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[held] = False
+        g[held], c[held] = LayerStats.fit(feats[:, keep]).parts(feats[:, held])
+    return g, c
+
+
+@dataclass
+class LinearOCSVM:
+    """d_H(x) = coef . s(x) - offset: scikit-learn's linear ``OneClassSVM.decision_function``, kept as numbers."""
+
+    coef: torch.Tensor  # (L,)
+    offset: float
+
+    @classmethod
+    def fit(cls, scores: torch.Tensor, nu: float) -> LinearOCSVM:
+        from sklearn.svm import OneClassSVM
+
+        # one global scale (the dual of the linear one-class SVM is invariant to it) keeps libsvm's absolute
+        # stopping tolerance meaningful when log-densities are in the thousands
+        scale = float(scores.abs().mean()) or 1.0
+        svm = OneClassSVM(kernel="linear", nu=nu).fit((scores / scale).numpy())
+        return cls(coef=torch.from_numpy(svm.coef_.ravel() / scale).double(), offset=float(svm.offset_[0]))
+
+    def decision(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores.double() @ self.coef - self.offset
+
+
+@dataclass
+class Calibration:
+    """The reference's two-component construction with a one-sided test (deviation: see ``detector``).
+
+    F(x) = 1/2 Phi((x - mu1)/sigma2) + 1/2 Phi((x - mu2)/sigma2), x0 = (mu1 + mu2)/2;
+    p(d) = 1 for d >= x0, else 1 - (F(2 x0 - d) - F(d)); w_raw = sigmoid(zeta p - 2).
+    """
+
+    mu1: float     # mean d_H of the fitted texts (out-of-fold)
+    mu2: float     # mean d_H of the held-out calibration texts
+    sigma2: float  # their standard deviation
+    zeta: float
+
+    @classmethod
+    def fit(cls, fitted: torch.Tensor, held_out: torch.Tensor, zeta: float) -> Calibration:
+        mu2 = float(held_out.mean())
+        # ddof=1: the calibration set is small (>= 4 texts); the floor keeps identical scores from dividing by 0
+        sigma2 = max(float(held_out.std(correction=1)), 1e-6 * max(1.0, abs(mu2)))
+        return cls(mu1=float(fitted.mean()), mu2=mu2, sigma2=sigma2, zeta=zeta)
+
+    @property
+    def x0(self) -> float:
+        return (self.mu1 + self.mu2) / 2
+
+    def _cdf(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * torch.special.ndtr((x - self.mu1) / self.sigma2) + 0.5 * torch.special.ndtr(
+            (x - self.mu2) / self.sigma2)
+
+    def weights(self, d: torch.Tensor) -> torch.Tensor:
+        """w_raw in (sigmoid(-2), sigmoid(zeta - 2)), monotone non-decreasing in d_H."""
+        d = d.double()
+        p = torch.where(d >= self.x0, torch.ones_like(d), 1 - (self._cdf(2 * self.x0 - d) - self._cdf(d)))
+        return torch.sigmoid(self.zeta * p - RANGE_TH)
+
+    def to_json(self) -> dict[str, float]:
+        return {"mu1": self.mu1, "mu2": self.mu2, "sigma2": self.sigma2, "zeta": self.zeta}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Calibration:
+        values = {k: float(data[k]) for k in ("mu1", "mu2", "sigma2", "zeta")}
+        if not all(math.isfinite(v) for v in values.values()) or values["sigma2"] <= 0:
+            raise ValueError(f"calibration values are not finite or sigma2 <= 0: {values}")
+        return cls(**values)
