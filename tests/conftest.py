@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
 import torch
+from pg_server import PostgresServer, find_bindir
 
 from serve_unlearn.testing import build_tiny_llama, build_tiny_mlp, build_tiny_unet
 
@@ -72,3 +74,39 @@ def tiny_bert_dir(tmp_path_factory):
     from serve_unlearn.testing.tiny_models import build_tiny_bert
 
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+# -- PostgreSQL (the shared registry of replicas): one throwaway server per session ------------------------------
+_databases = itertools.count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_registry_database_from_the_shell():
+    """A developer's $SERVE_UNLEARN_REGISTRY_DATABASE must not point the SQLite tests at their PostgreSQL."""
+    from serve_unlearn.adapters.registry import DATABASE_ENV
+
+    saved = os.environ.pop(DATABASE_ENV, None)
+    yield
+    if saved is not None:
+        os.environ[DATABASE_ENV] = saved
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin); "
+                    "apt-get install postgresql")
+    pytest.importorskip("psycopg", reason="pip install 'serve-unlearn[postgres]'")
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_dsn(pg_server):
+    """A fresh, empty database on the session's server."""
+    return pg_server.create_database(f"registry_{next(_databases)}")

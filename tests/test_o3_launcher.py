@@ -7,7 +7,6 @@ import shlex
 
 import pytest
 import yaml
-from test_o3_registry_postgres import pg_dsn, pg_server  # noqa: F401 - fixtures: a throwaway PostgreSQL server
 
 from serve_unlearn.adapters.registry import ForgetRegistry
 from serve_unlearn.cli import main

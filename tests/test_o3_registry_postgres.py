@@ -3,7 +3,6 @@ registrations on both stores, leases across hosts, and bad databases."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import subprocess
@@ -14,34 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import test_o3_registry as sqlite_suite
-from pg_server import PostgresServer, find_bindir, free_port
+from pg_server import free_port
 
 from serve_unlearn.adapters.registry import DATABASE_ENV, ForgetRegistry
 from serve_unlearn.errors import RegistryError, UnlearnConfigError
 
 _register = sqlite_suite._register
-_databases = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def pg_server():
-    bindir = find_bindir()
-    if bindir is None:
-        pytest.skip("PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin); "
-                    "apt-get install postgresql")
-    pytest.importorskip("psycopg", reason="pip install 'serve-unlearn[postgres]'")
-    server = PostgresServer(bindir)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def pg_dsn(pg_server):
-    """A fresh, empty database on the session's server."""
-    return pg_server.create_database(f"registry_{next(_databases)}")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -29,11 +29,10 @@ def load_gate(registry: ForgetRegistry, config: GateConfig | None = None, *,
               up_to_version: int | None = None) -> Gate:
     """A gate whose scorer runs every ready request's detector (those with version <= ``up_to_version``, when
     given: the requests inside a published bank) over one shared backbone."""
-    from .detector import DetectorEnsemble, OODDetector
+    from .detector import DetectorEnsemble
 
     ready = [r for r in registry.ready() if up_to_version is None or (r.version or 0) <= up_to_version]
     if not ready:
         return Gate(lambda texts: None, [], config)
-    detectors = [OODDetector.load(registry.artifact_path(r, "detector")) for r in ready]
-    ensemble = DetectorEnsemble(detectors)
+    ensemble = DetectorEnsemble.load([registry.artifact_path(r, "detector") for r in ready])  # one backbone
     return Gate(ensemble.weights, [r.name for r in ready], config)
