@@ -17,7 +17,6 @@ need the opposite and skip under the interpreter.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import bits
+from helpers import bits, run_interpreter_suite
 
 from serve_unlearn import kernels
 from serve_unlearn.kernels import reference
@@ -355,13 +354,7 @@ def test_interp_dispatch_explicit_triton_on_cpu(tri, monkeypatch, mode):
 @needs_triton
 def test_interpreter_suite():
     """Runs the ``test_interp_*`` tests in a fresh process started with TRITON_INTERPRET=1 (see top)."""
-    here = str(Path(__file__).relative_to(REPO))
-    args = ["-m", "pytest", here, "-k", "test_interp_", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
-    proc = _run(args, TRITON_INTERPRET="1")
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    print(f"interpreter subprocess: {summary}")
-    assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
-    assert re.search(r"\d+ passed", summary) and "skipped" not in summary and "deselected" in summary, summary
+    run_interpreter_suite(__file__)
 
 
 # ------------------------------------------------------------------------------------------------- compiled

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_interpreter_suite
 
 from serve_unlearn import kernels
 from serve_unlearn.kernels import MASKED_ATTENTION_BACKENDS, empty_keep_rows, masked_attention
@@ -306,16 +304,7 @@ def test_interp_explicit_triton_rejects_head_dims_above_256(tri):
 @needs_triton
 def test_interpreter_suite():
     """Runs the ``test_interp_*`` tests in a fresh process started with TRITON_INTERPRET=1 (see top)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_INTERPRET"] = "1"
-    here = str(Path(__file__).relative_to(REPO))
-    args = ["-m", "pytest", here, "-k", "test_interp_", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    print(f"interpreter subprocess: {summary}")
-    assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
-    assert re.search(r"\d+ passed", summary) and "skipped" not in summary and "deselected" in summary, summary
+    run_interpreter_suite(__file__)
 
 
 # ------------------------------------------------------------------------------------------ triton, compiled
