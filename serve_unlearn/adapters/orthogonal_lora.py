@@ -39,8 +39,9 @@ ADAPTER_INFO = "serve_unlearn_adapter.json"  # our provenance record beside peft
 
 
 class UnlearnLoraConfig(_Strict):
-    """Defaults follow the research note's §8.8 (r 8, α 16, dropout 0.05, every linear projection, λ 0.1), with an
-    lr and epoch count that unlearn a topic of a few dozen questions on a 135M model in about a minute of CPU."""
+    """Defaults follow the research note's §8.8 (r 8, α 16, dropout 0.05, every linear projection, λ 0.1), except
+    lr 1e-3 for 3 epochs instead of 3e-4 for 10: a request is a few dozen prompts, and refusal targets are learnt
+    in 3 epochs at that lr (on SmolLM2-135M the CE falls from ~1.9 to ~0.3), at a third of the CPU time."""
 
     mode: Literal["per-request", "cumulative"] = "per-request"
     r: int = Field(8, ge=1)
@@ -49,8 +50,8 @@ class UnlearnLoraConfig(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     forget_target: Literal["refusal", "random-answer"] = "refusal"
     orthogonal_weight: float = Field(0.1, ge=0)
-    lr: float = Field(3e-4, gt=0)
-    epochs: int = Field(10, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(3, ge=1)
     batch_size: int = Field(8, ge=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_length: int = Field(256, ge=8)
