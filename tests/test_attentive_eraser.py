@@ -193,6 +193,19 @@ def test_every_backend_equals_reference(backend, ss_active):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa_gather", "sdpa_mask", "triton"])
+def test_fp16_cuda_backends_match_fp32_reference(backend):
+    if backend == "triton" and not is_triton_available():
+        pytest.skip("triton is not installed")
+    attn, fg = _attn(), _fg_masks()
+    x = torch.randn(2 * B, N, C)
+    with torch.no_grad():
+        ref = AttentiveEraserSelfAttnProcessor(_state(fg, True))(attn, x)
+        out = AttentiveEraserSelfAttnProcessor(_state(fg.cuda(), True, backend))(attn.cuda().half(), x.cuda().half())
+    torch.testing.assert_close(out.float().cpu(), ref, atol=1e-2, rtol=1e-2)  # fp16 projections too
+
+
 def _ae_two_softmax(q, k, v, m, lam, ss):
     """The reference's ASS, written from its description independently of the package: both maps for every
     query (lambda * sim + bias and sim + bias, the bias finfo.min on foreground keys), then rows picked by m."""
