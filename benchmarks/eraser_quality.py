@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -157,11 +158,11 @@ class PixelSpaceVAE(nn.Module):
 
 
 def _train_key(steps: int, batch: int, minutes: float) -> str:
-    blob = json.dumps([UNET_CONFIG, SCHEDULER_CONFIG, steps, batch, minutes, "v6"], sort_keys=True, default=str)
+    blob = json.dumps([UNET_CONFIG, SCHEDULER_CONFIG, steps, batch, minutes, "v7"], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def train_unet(steps: int, batch: int, minutes: float, log_every: int = 100):
+def train_unet(steps: int, batch: int, minutes: float, log_every: int = 100, adaptive_threads: bool = False):
     """DDPM v-prediction training on fresh random scenes (seeds >= 10**6; evaluation uses seeds < 10**5).
 
     Stops after ``steps`` steps or ``minutes`` of wall time, whichever comes first (the machine is shared, so
@@ -193,6 +194,10 @@ def train_unet(steps: int, batch: int, minutes: float, log_every: int = 100):
     done = 0
     while (progress := max(done / steps, (time.perf_counter() - start) / budget)) < 1:
         i = done
+        if i % 20 == 0 and adaptive_threads:
+            # both cores while the shared machine is otherwise idle (its load is then about our own 2 threads),
+            # one when others run: more threads than free cores stall every OpenMP barrier
+            torch.set_num_threads(2 if os.getloadavg()[0] < 2.6 else 1)
         lr = 1e-3 * min(1.0, (i + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
         x0 = batch_of_scenes(rng.integers(10**6, 10**9, batch))
         noise = torch.randn(batch, 12, SIZE // 2, SIZE // 2)
@@ -276,11 +281,14 @@ def main() -> None:
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--train-minutes", type=float, default=14.0)
     ap.add_argument("--train-only", action="store_true")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: on a shared machine, OpenMP barriers stall with more)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads; default 0: training uses 2 while the machine is otherwise idle and 1 "
+                         "when others run (more threads than free cores stall OpenMP barriers), evaluation 1")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    unet, train_info = train_unet(args.train_steps, args.train_batch, args.train_minutes)
+    torch.set_num_threads(args.threads or 1)
+    unet, train_info = train_unet(args.train_steps, args.train_batch, args.train_minutes,
+                                  adaptive_threads=not args.threads)
+    torch.set_num_threads(args.threads or 1)
     if args.train_only:
         return
     start = time.perf_counter()

@@ -130,8 +130,8 @@ def main() -> None:
             run = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"  round {round_}  {config:<16} {run['seconds']:8.2f} s  peak +{run['peak_delta_gib']:.2f} GiB",
                   flush=True)
-            best = rows.setdefault(config, {**run, "rounds": []})
-            best["rounds"].append({"seconds": run["seconds"], "peak_delta_gib": run["peak_delta_gib"]})
+            best = rows.setdefault(config, {k: run[k] for k in ("config", "batch", "ae_layers")} | {"rounds": []})
+            best["rounds"].append({k: run[k] for k in ("seconds", "times", "peak_delta_gib")})
             best["seconds"] = min(r["seconds"] for r in best["rounds"])
             best["peak_delta_gib"] = max(r["peak_delta_gib"] for r in best["rounds"])
     floor = rows["stock_b2"]["peak_delta_gib"]
