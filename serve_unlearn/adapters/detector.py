@@ -10,7 +10,8 @@ Method (O3, "unlearning knowledge detection"; see ``shared/research/o3_serving.m
    roberta-large) the MLM loss on the query view is added 1:1, as O3; MiniLM ships without an MLM head, so there
    the CEL is the whole loss (a random head would only teach the LoRA to fit noise).
 2. Per layer, the fine-tuned encoder's pooled hidden states give a glocal score (``glocal``): a Gaussian
-   log-density with a Ledoit-Wolf precision plus gamma times the nearest-neighbour cosine to the forget texts.
+   log-density with a Ledoit-Wolf precision plus gamma times the nearest-neighbour cosine to the forget texts
+   (less the nearest-neighbour cosine to a background of ordinary prompts: a deviation, below).
 3. A linear one-class SVM turns the per-layer scores into d_H, higher = more like the forget data.
 4. d_H is calibrated into w_raw in (0, 1) on a held-out part of the forget data only (never retained data).
 
@@ -24,8 +25,14 @@ Deviations from the reference code, each for a reason:
 - *The local term is added*, not subtracted: the reference writes ``g - gamma*cos``, but a linear one-class SVM's
   weights are a non-negative combination of the training score vectors, so with ``-gamma*cos`` a closer nearest
   neighbour *lowers* d_H while a higher density raises it, and the terms cancel (AUROC 0.57 on our chemistry
-  sample, 0.994 with ``+``). The same geometry needs the scores of forget text to be positive, i.e. gamma large
-  enough; training checks it and says which gamma to use otherwise.
+  sample, 0.994 with ``+``). For the same reason the SVM sees the scores translated so that the least is positive
+  (``glocal.LinearOCSVM``).
+- *A background of ordinary prompts* (``DetectorConfig.background``; default: 480 packaged prompts over 48
+  domains, none of them close to our evaluation data): the local term is the nearest forget text's cosine *minus*
+  the nearest background prompt's, so a prompt that shares only the forget data's question template ("What is a
+  group of stars called?" against "What is a group of crows called?") is not taken for the topic. On our two
+  SmolLM2 requests this cut retain prompts above w_raw 0.3 from 6-9% to 0-3% and raised held-out paraphrases
+  above 0.45 from 86-87% to 96% (``glocal``). ``background: null`` is O3's purely one-class score.
 - *Out-of-fold scores* for fitting the SVM and for mu1 (``glocal.crossfit_parts``): in-sample, each text is its
   own nearest neighbour and sits inside its own Gaussian, which no new prompt does.
 - *A one-sided test*: p(d) = 1 for d >= x0, so a prompt more typical than the forget data is never down-weighted
@@ -73,6 +80,8 @@ FORMAT_VERSION = 1
 MIN_CALIBRATION = 4  # held-out texts: mu2 and sigma2 need a few points
 MIN_FIT = 8          # fitted texts: the cross-fitted Gaussians and the SVM need a few points per fold
 BASE = "__base__"    # peft's name for "no adapter" in a mixed batch
+BACKGROUND_FILE = "background_prompts.txt"  # packaged next to this module
+BACKGROUND_MIN = 16  # ordinary prompts: fewer say little about what ordinary traffic looks like
 _LOG_EPS = 1e-5      # the reference's log(Δ + 1e-5)
 
 
@@ -104,9 +113,13 @@ class DetectorConfig(_Strict):
         description="weight of the nearest-neighbour cosine against the Gaussian log-density. On MiniLM the "
                     "log-density of new text moves by ~800 between the forget topic and other text (spread "
                     "~200) while the cosine moves by ~0.2 (spread ~0.05), so 4000 gives both terms about the "
-                    "same pull; it also keeps g + gamma*cos positive on forget-like text, which the linear "
-                    "one-class SVM (a separation from the origin) needs")
+                    "same pull")
     nu: float = Field(0.1, gt=0, le=1, description="one-class SVM: the fraction of forget texts allowed outside")
+    background: str | None = Field(
+        "builtin",
+        description="ordinary prompts the local term is taken relative to (glocal): 'builtin' = the packaged "
+                    f"{BACKGROUND_FILE} ({BACKGROUND_MIN}+ lines), a path to a text file with one prompt a line, "
+                    "or None for O3's purely one-class score")
     cv_folds: int = Field(5, ge=2, description="folds for the out-of-fold scores the SVM and mu1 are fitted on")
     calibration_fraction: float = Field(0.2, gt=0, lt=1, description="held out for calibration (>= 4 texts)")
     zeta: float = Field(10.0, gt=0, description="w_raw = sigmoid(zeta p - 2); O3's default 10")
@@ -137,6 +150,24 @@ def _backbone_path(config: DetectorConfig) -> str:
     from ..models.packaged import minilm_path
 
     return str(minilm_path())
+
+
+def background_prompts(config: DetectorConfig) -> list[str] | None:
+    """The background prompts named by ``config.background`` (None: none). UnlearnConfigError when the file is
+    missing or has too few prompts."""
+    if config.background is None:
+        return None
+    path = Path(__file__).with_name(BACKGROUND_FILE) if config.background == "builtin" else Path(config.background)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UnlearnConfigError(f"cannot read the detector background {path}: {exc}; give a UTF-8 text file "
+                                 "with one prompt a line, 'builtin', or null for none") from exc
+    prompts = list(dict.fromkeys(line.strip() for line in lines if line.strip()))
+    if len(prompts) < BACKGROUND_MIN:
+        raise UnlearnConfigError(f"the detector background {path} has {len(prompts)} distinct prompts; it needs "
+                                 f"at least {BACKGROUND_MIN} (a few hundred varied ones work best)")
+    return prompts
 
 
 def _load_backbone(config: DetectorConfig) -> tuple[nn.Module, nn.Module, Any]:
@@ -484,7 +515,7 @@ class OODDetector:
         """Train on a forget request's texts, written as the gate will see prompts (e.g. bare questions).
 
         UnlearnDataError for fewer than 12 distinct texts, an empty text or an item that is not a string;
-        UnlearnConfigError for a backbone that does not load or a gamma too small for it."""
+        UnlearnConfigError for a backbone or a background that does not load."""
         config = config or DetectorConfig()
         texts = [t.strip() for t in _check_texts(texts, UnlearnDataError, "forget texts")]
         distinct = len({t for t in texts if t})
@@ -495,6 +526,7 @@ class OODDetector:
                 + (" (the forget set is empty)" if not texts else ""))
         if any(not t for t in texts):
             raise UnlearnDataError("forget texts must not be empty strings")
+        background = background_prompts(config)
         n_rest = max(MIN_CALIBRATION, round(config.calibration_fraction * len(texts)))
         if len(texts) - n_rest < MIN_FIT:
             raise UnlearnDataError(f"calibration_fraction {config.calibration_fraction} holds out {n_rest} of "
@@ -524,28 +556,23 @@ class OODDetector:
             del model  # an MLM head is only needed for training
             detector = cls(config=config, tokenizer=tokenizer, holder=holder, adapter=adapter,
                            lora_start=n_layers - k, stats=None, svm=None, calibration=None, info=info)
-            detector._fit(used, rest)
+            detector._fit(used, rest, background)
         cal = detector.calibration
         logger.info("detector trained on %d texts (%d held out): d_H mu1 %.4g, mu2 %.4g, sigma2 %.4g",
                     len(used), len(rest), cal.mu1, cal.mu2, cal.sigma2)
         return detector
 
-    def _fit(self, used: list[str], rest: list[str]) -> None:
+    def _fit(self, used: list[str], rest: list[str], background: list[str] | None) -> None:
         """Fit the statistics, the SVM (on out-of-fold scores) and the calibration (on the held-out texts)."""
         c = self.config
         f_used, f_rest = self._features(used, 32), self._features(rest, 32)
-        g, cos = crossfit_parts(f_used, min(c.cv_folds, len(used)), c.seed)
+        f_background = None if background is None else self._features(background, 32)
+        self.info["background"] = None if background is None else {
+            "prompts": len(background), "sha256": hashlib.sha256("\n".join(background).encode()).hexdigest()}
+        g, cos = crossfit_parts(f_used, min(c.cv_folds, len(used)), c.seed, f_background)
         oof = g + c.gamma * cos
         self.svm = LinearOCSVM.fit(oof, c.nu)
-        if bool((self.svm.coef <= 0).any()):
-            # the SVM's weights are a non-negative mix of the training score vectors: a layer whose forget-text
-            # scores are negative would get a negative weight and count forget-like text against the request
-            needed = float((-g / cos.clamp_min(1e-6)).max())
-            raise UnlearnConfigError(
-                f"gamma={c.gamma:g} is too small for this backbone: its Gaussian log-densities outweigh the "
-                f"cosine term, which turns layers {(self.svm.coef <= 0).nonzero().ravel().tolist()} upside down; "
-                f"use gamma >= {2 * needed:.0f}")
-        self.stats = LayerStats.fit(f_used)
+        self.stats = LayerStats.fit(f_used, f_background)
         d_rest = self.svm.decision(self.stats.scores(f_rest, c.gamma))
         self.calibration = Calibration.fit(self.svm.decision(oof), d_rest, c.zeta)
 
@@ -593,6 +620,7 @@ class OODDetector:
                          "num_layers": self._holder.num_layers},
             "lora_start": self.lora_start,
             "svm_offset": self.svm.offset,
+            "svm_shift": self.svm.shift,
             "calibration": self.calibration.to_json(),
             "info": self.info,
             "files": {f: _sha256(out / f) for f in files},
@@ -611,15 +639,20 @@ class OODDetector:
         try:
             config = DetectorConfig.model_validate(meta["config"])
             tensors = load_file(d / "stats.safetensors")
+            background = tensors.get("background")
             stats = LayerStats(mean=tensors["mean"].double(), precision=tensors["precision"].double(),
-                               bank=tensors["bank"].double())
-            svm = LinearOCSVM(coef=tensors["svm_coef"].double(), offset=float(meta["svm_offset"]))
+                               bank=tensors["bank"].double(),
+                               background=None if background is None else background.double())
+            svm = LinearOCSVM(coef=tensors["svm_coef"].double(), offset=float(meta["svm_offset"]),
+                              shift=float(meta.get("svm_shift", 0.0)))
             calibration = Calibration.from_json(meta["calibration"])
             lora_start, n_layers = int(meta["lora_start"]), int(meta["backbone"]["num_layers"])
             fingerprint = str(meta["backbone_fingerprint"])
             shapes_ok = (stats.mean.dim() == 2 and stats.mean.shape[0] == n_layers == svm.coef.shape[0]
                          and stats.precision.shape == (n_layers, stats.mean.shape[1], stats.mean.shape[1])
-                         and stats.bank.shape[0] == n_layers and stats.bank.shape[2] == stats.mean.shape[1])
+                         and stats.bank.shape[0] == n_layers and stats.bank.shape[2] == stats.mean.shape[1]
+                         and (background is None or (background.dim() == 3 and background.shape[0] == n_layers
+                                                     and background.shape[2] == stats.mean.shape[1])))
         except (KeyError, TypeError, ValueError, ValidationError, OSError, RuntimeError, SafetensorError) as exc:
             raise ArtifactError(f"detector {d} is corrupt: {type(exc).__name__}: {exc}") from exc
         if not shapes_ok:

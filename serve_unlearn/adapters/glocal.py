@@ -8,7 +8,12 @@ Per layer l, with f_l(x) the masked-mean-pooled hidden state:
 
 - global ``g_l(x) = -1/2 (f_l(x) - mu_l)^T P_l (f_l(x) - mu_l)``, P_l the Ledoit-Wolf precision (n < d, so the
   empirical covariance of the reference is singular);
-- local ``c_l(x) = max_j cos(f_l(x), bank_l[j])`` over the fitted forget texts;
+- local ``c_l(x) = max_j cos(f_l(x), bank_l[j]) - max_k cos(f_l(x), background_l[k])``: the nearest forget text
+  against the nearest text of a broad background of ordinary prompts (the second term is absent without a
+  background, as in the reference). A one-class score alone rates a prompt by how much it looks like the forget
+  texts in *every* respect, question template included, so "What is the name of Earth's natural satellite?" looks
+  like "What is the name of a baby kangaroo?"; relative to ordinary traffic only what is specific to the forget
+  data counts (the relative-distance idea of Ren et al. 2021, "A simple fix to Mahalanobis distance");
 - ``s_l(x) = g_l(x) + gamma * c_l(x)``: both terms rise for forget-like text (see ``detector`` for why the
   reference's ``- gamma * c_l`` is not used).
 """
@@ -31,23 +36,29 @@ class LayerStats:
     mean: torch.Tensor       # (L, d)
     precision: torch.Tensor  # (L, d, d)
     bank: torch.Tensor       # (L, N, d), rows L2-normalised
+    background: torch.Tensor | None = None  # (L, M, d), rows L2-normalised: ordinary prompts' features
 
     @classmethod
-    def fit(cls, feats: torch.Tensor) -> LayerStats:
-        """``feats``: (L, N, d) pooled features of the texts the detector is fitted on."""
+    def fit(cls, feats: torch.Tensor, background: torch.Tensor | None = None) -> LayerStats:
+        """``feats``: (L, N, d) pooled features of the texts the detector is fitted on; ``background``: (L, M, d)
+        features of ordinary prompts, or None for the reference's purely one-class local term."""
         from sklearn.covariance import LedoitWolf
 
         x = feats.double()
         precision = torch.stack([torch.from_numpy(LedoitWolf().fit(layer.numpy()).precision_) for layer in x])
         # rounded to the float32 they are stored in, so a loaded detector scores exactly as the trained one
-        return cls(*(t.float().double() for t in (x.mean(dim=1), precision, torch.nn.functional.normalize(x, dim=-1))))
+        stored = [t.float().double() for t in (x.mean(dim=1), precision, _unit(x))]
+        return cls(*stored, background=None if background is None else _unit(background.double()).float().double())
 
     def parts(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g, c), each (n, L), of (L, n, d) features: the Gaussian log-density and the nearest-neighbour cosine."""
+        """(g, c), each (n, L), of (L, n, d) features: the Gaussian log-density and the local term."""
         x = feats.double()
         centred = x - self.mean[:, None, :]
         g = -0.5 * ((centred @ self.precision) * centred).sum(dim=-1)
-        c = torch.einsum("lnd,lmd->lnm", torch.nn.functional.normalize(x, dim=-1), self.bank).amax(dim=-1)
+        unit = _unit(x)
+        c = torch.einsum("lnd,lmd->lnm", unit, self.bank).amax(dim=-1)
+        if self.background is not None:
+            c = c - torch.einsum("lnd,lmd->lnm", unit, self.background).amax(dim=-1)
         return g.T, c.T
 
     def scores(self, feats: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -57,10 +68,18 @@ class LayerStats:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """float32 for storage (a roberta-large detector's 24 precision matrices are 100 MB so)."""
-        return {"mean": self.mean.float(), "precision": self.precision.float(), "bank": self.bank.float()}
+        out = {"mean": self.mean.float(), "precision": self.precision.float(), "bank": self.bank.float()}
+        if self.background is not None:
+            out["background"] = self.background.float()
+        return out
 
 
-def crossfit_parts(feats: torch.Tensor, folds: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def crossfit_parts(feats: torch.Tensor, folds: int, seed: int,
+                   background: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Out-of-fold (g, c), each (N, L), of the fitted texts themselves.
 
     Scored in-sample, every text finds itself in the bank (cosine 1) and sits inside a Gaussian fitted on it
@@ -73,29 +92,40 @@ def crossfit_parts(feats: torch.Tensor, folds: int, seed: int) -> tuple[torch.Te
     for held in order.tensor_split(folds):
         keep = torch.ones(n, dtype=torch.bool)
         keep[held] = False
-        g[held], c[held] = LayerStats.fit(feats[:, keep]).parts(feats[:, held])
+        g[held], c[held] = LayerStats.fit(feats[:, keep], background).parts(feats[:, held])
     return g, c
 
 
 @dataclass
 class LinearOCSVM:
-    """d_H(x) = coef . s(x) - offset: scikit-learn's linear ``OneClassSVM.decision_function``, kept as numbers."""
+    """d_H(x) = coef . (s(x) + shift) - offset: scikit-learn's linear ``OneClassSVM.decision_function`` on
+    translated scores, kept as numbers.
+
+    A linear one-class SVM separates the data from the origin, so where the origin sits matters: the scores are
+    translated so that the least of them is 1, wherever the log-densities and the (background-relative) cosines
+    put them. Its weights are then a non-negative mix of positive vectors, so every layer counts forget-like text
+    for the request, never against it.
+    """
 
     coef: torch.Tensor  # (L,)
     offset: float
+    shift: float = 0.0
 
     @classmethod
     def fit(cls, scores: torch.Tensor, nu: float) -> LinearOCSVM:
         from sklearn.svm import OneClassSVM
 
+        shift = 1.0 - float(scores.min())
+        moved = scores.double() + shift
         # one global scale (the dual of the linear one-class SVM is invariant to it) keeps libsvm's absolute
         # stopping tolerance meaningful when log-densities are in the thousands
-        scale = float(scores.abs().mean()) or 1.0
-        svm = OneClassSVM(kernel="linear", nu=nu).fit((scores / scale).numpy())
-        return cls(coef=torch.from_numpy(svm.coef_.ravel() / scale).double(), offset=float(svm.offset_[0]))
+        scale = float(moved.mean())
+        svm = OneClassSVM(kernel="linear", nu=nu).fit((moved / scale).numpy())
+        return cls(coef=torch.from_numpy(svm.coef_.ravel() / scale).double(), offset=float(svm.offset_[0]),
+                   shift=shift)
 
     def decision(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores.double() @ self.coef - self.offset
+        return (scores.double() + self.shift) @ self.coef - self.offset
 
 
 @dataclass
