@@ -81,37 +81,37 @@ def _vae():
                          norm_num_groups=4, layers_per_block=1)
 
 
+def _unet(**family):
+    """The tiny 4-channel UNet both families share (two blocks, 16x16 latents, attention in the deeper block),
+    with the family's attention and conditioning settings; in eval mode."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, **family,
+    ).eval()
+
+
 @pytest.fixture(scope="module")
 def sd_components(tmp_path_factory):
     """SD-style: UNet (16, 32) with self-attention at 16x16 tokens for 64 px (VAE factor 2)."""
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(0)
     tok = _tokenizer(tmp_path_factory.mktemp("tok"))
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8,
-    )
-    return {"vae": _vae(), "text_encoder": _text_encoder(tok, 16), "tokenizer": tok, "unet": unet.eval()}
+    unet = _unet(cross_attention_dim=16, attention_head_dim=2)
+    return {"vae": _vae(), "text_encoder": _text_encoder(tok, 16), "tokenizer": tok, "unet": unet}
 
 
 @pytest.fixture(scope="module")
 def sdxl_components(tmp_path_factory):
     """SDXL-style: two text encoders, text_time micro-conditioning, 2 transformer layers in the deep blocks."""
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(0)
     tok = _tokenizer(tmp_path_factory.mktemp("tokxl"))
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=4, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=40,
-        cross_attention_dim=32, norm_num_groups=8,
-    )
+    unet = _unet(attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=4, transformer_layers_per_block=(1, 2),
+                 projection_class_embeddings_input_dim=40, cross_attention_dim=32)
     return {"vae": _vae(), "text_encoder": _text_encoder(tok, 16), "text_encoder_2": _text_encoder(tok, 16, True),
-            "tokenizer": tok, "tokenizer_2": tok, "unet": unet.eval()}
+            "tokenizer": tok, "tokenizer_2": tok, "unet": unet}
 
 
 @pytest.fixture

@@ -24,19 +24,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import bits, run_interpreter_suite
+from helpers import (
+    bits,
+    compile_sm90,
+    compiled_only,
+    interp_only,
+    interpreter_suite,
+    kernel_module,
+    needs_triton,
+)
 
 from serve_unlearn import kernels
 from serve_unlearn.kernels import reference
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # this process started in interpreter mode
 REPO = Path(__file__).resolve().parents[1]
-needs_triton = pytest.mark.skipif(not kernels.is_triton_available(), reason="triton is not installed")
-interp_only = pytest.mark.skipif(
-    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite"
-)
-compiled_only = pytest.mark.skipif(INTERPRETED, reason="needs a process without TRITON_INTERPRET")
-
 SIZES = [1, 7, 8, 9, 1000, 4099, (5, 123, 123)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DENSITIES = {"empty": 0.0, "1%": 0.01, "50%": 0.5, "full": 1.0}
@@ -56,12 +57,7 @@ def _run(args, **env):
 @pytest.fixture(scope="module")
 def tri():
     """The kernel module as this process imports it: interpreted under TRITON_INTERPRET=1, else compiled."""
-    if not kernels.is_triton_available():
-        pytest.skip("triton is not installed")
-    from serve_unlearn.kernels import masked_apply_triton
-
-    assert masked_apply_triton.is_interpreted() == INTERPRETED
-    return masked_apply_triton
+    return kernel_module("masked_apply_triton")
 
 
 def _case(shape, dtype, density, seed=0):
@@ -350,11 +346,7 @@ def test_interp_dispatch_explicit_triton_on_cpu(tri, monkeypatch, mode):
 # ------------------------------------------------------------------------------------------- the interpreter
 
 
-@compiled_only
-@needs_triton
-def test_interpreter_suite():
-    """Runs the ``test_interp_*`` tests in a fresh process started with TRITON_INTERPRET=1 (see top)."""
-    run_interpreter_suite(__file__)
+test_interpreter_suite = interpreter_suite(__file__)  # the test_interp_* tests, under TRITON_INTERPRET=1 (see top)
 
 
 # ------------------------------------------------------------------------------------------------- compiled
@@ -368,13 +360,6 @@ def test_interpreter_suite():
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION is unset")  # no multiply-add in this kernel
 def test_kernel_compiles_for_sm90(tri, wdtype, vdtype, mode):
     """The interpreter accepts code the compiler rejects: build the real kernel to a cubin, no GPU needed."""
-    import triton
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in backends:
-        pytest.skip("triton has no nvidia backend here")
     signature = {
         "w_ptr": f"*{wdtype}",
         "packed_ptr": "*u8",
@@ -384,9 +369,7 @@ def test_kernel_compiles_for_sm90(tri, wdtype, vdtype, mode):
         "BLOCK": "constexpr",
         "ADD": "constexpr",
     }
-    source = ASTSource(tri._masked_apply_kernel, signature, {"BLOCK": tri.BLOCK, "ADD": mode == "add"})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-    assert compiled.asm.get("cubin")
+    compile_sm90(tri._masked_apply_kernel, signature, {"BLOCK": tri.BLOCK, "ADD": mode == "add"})
 
 
 @pytest.mark.gpu

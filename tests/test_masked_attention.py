@@ -10,26 +10,16 @@ docstring); ``test_interpreter_suite`` runs them in such a child pytest. Run the
 from __future__ import annotations
 
 import importlib
-import os
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_interpreter_suite
+from helpers import compile_sm90, compiled_only, interp_only, interpreter_suite, kernel_module, needs_triton
 
 from serve_unlearn import kernels
 from serve_unlearn.kernels import MASKED_ATTENTION_BACKENDS, empty_keep_rows, masked_attention
 
 # the package's ``masked_attention`` attribute is the function, which shadows the module of the same name
 ma = importlib.import_module("serve_unlearn.kernels.masked_attention")
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-REPO = Path(__file__).resolve().parents[1]
-needs_triton = pytest.mark.skipif(not kernels.is_triton_available(), reason="triton is not installed")
-interp_only = pytest.mark.skipif(
-    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite"
-)
-compiled_only = pytest.mark.skipif(INTERPRETED, reason="needs a process without TRITON_INTERPRET")
 
 TORCH_BACKENDS = ["sdpa_mask", "sdpa_gather", "auto"]  # auto is sdpa_gather on CPU
 # (dtype, atol, rtol) against the reference on the same inputs (which computes in fp32 and rounds once)
@@ -231,12 +221,7 @@ def test_explicit_triton_on_cpu_without_interpreter_raises():
 @pytest.fixture(scope="module")
 def tri():
     """The kernel module as this process imports it: interpreted under TRITON_INTERPRET=1, else compiled."""
-    if not kernels.is_triton_available():
-        pytest.skip("triton is not installed")
-    from serve_unlearn.kernels import masked_attention_triton
-
-    assert masked_attention_triton.is_interpreted() == INTERPRETED
-    return masked_attention_triton
+    return kernel_module("masked_attention_triton")
 
 
 def _tri_small(tri, q, k, v, keep, qs):
@@ -300,11 +285,7 @@ def test_interp_explicit_triton_rejects_head_dims_above_256(tri):
         masked_attention(q, k, v, keep, qs, backend="triton")
 
 
-@compiled_only
-@needs_triton
-def test_interpreter_suite():
-    """Runs the ``test_interp_*`` tests in a fresh process started with TRITON_INTERPRET=1 (see top)."""
-    run_interpreter_suite(__file__)
+test_interpreter_suite = interpreter_suite(__file__)  # the test_interp_* tests, under TRITON_INTERPRET=1 (see top)
 
 
 # ------------------------------------------------------------------------------------------ triton, compiled
@@ -320,12 +301,7 @@ def test_kernel_compiles_for_sm90(tri, dtype, head_dim):
     """The interpreter accepts code the compiler rejects: build the real kernel for an H100, no GPU needed,
     with the tile sizes the host picks, and check they fit its shared memory (227 KiB per block)."""
     import triton
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    if "nvidia" not in backends:
-        pytest.skip("triton has no nvidia backend here")
     block_m, block_n, num_warps, num_stages = tri.block_sizes(head_dim)
     constants = {
         "HAS_QS": True,
@@ -340,11 +316,8 @@ def test_kernel_compiles_for_sm90(tri, dtype, head_dim):
     signature |= {f"stride_{t}{d}": "i32" for t in "qkvo" for d in ("b", "h", "m" if t in "qo" else "n", "d")}
     signature |= {"H": "i32", "N_Q": "i32", "N_K": "i32", "D": "i32", "qk_scale": "fp32"}
     signature |= dict.fromkeys(constants, "constexpr")
-    source = ASTSource(tri._masked_attention_fwd_kernel, signature, constants)
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-    )
-    assert compiled.asm.get("cubin")
+    compiled = compile_sm90(tri._masked_attention_fwd_kernel, signature, constants, num_warps=num_warps,
+                                num_stages=num_stages)
     assert compiled.metadata.shared <= 227 * 1024
 
 

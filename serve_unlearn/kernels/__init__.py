@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 
@@ -41,33 +42,38 @@ def is_triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _triton_backend(weight: torch.Tensor, explicit: bool):
-    """The Triton host function when it can run on ``weight``; else None (auto) or RuntimeError (explicit)."""
-
-    def unusable(reason: str) -> None:
-        if explicit:
-            raise RuntimeError(f"impl='triton' cannot run: {reason}; or use impl='torch' / {IMPL_ENV}=torch")
-
+def _triton_kernel_module(name: str, device: torch.device, explicit: bool, refusal: str, operand: str):
+    """Import the Triton kernel module ``name`` if its kernel can run on ``device``; else None (auto: take the
+    torch path) or RuntimeError(``refusal.format(reason)``) when Triton was asked for explicitly. The rules are
+    the same for every kernel here: installed, CUDA or the interpreter, imported in the matching mode.
+    ``operand`` names what sits on ``device`` ("the weight is") in the error."""
     if not is_triton_available():
-        return unusable("triton is not installed (pip install 'serve-unlearn[triton]')")
-    if weight.device.type != "cuda":
+        return _refuse(explicit, refusal, "triton is not installed (pip install 'serve-unlearn[triton]')")
+    if device.type != "cuda":
         if not explicit:
             return None  # auto: a CPU tensor takes the torch path, interpreter or not
         if os.environ.get("TRITON_INTERPRET") != "1":
-            return unusable(
-                f"the weight is on {weight.device.type}, and Triton runs non-CUDA tensors only in its "
-                "interpreter: start the process with TRITON_INTERPRET=1 (set before triton is imported)"
+            return _refuse(
+                explicit, refusal,
+                f"{operand} on {device.type}, and Triton runs non-CUDA tensors only in its interpreter: start the "
+                "process with TRITON_INTERPRET=1 (set before triton is imported)",
             )
-    from . import masked_apply_triton
-
-    if weight.device.type != "cuda" and not masked_apply_triton.is_interpreted():
-        return unusable(
-            "serve_unlearn.kernels.masked_apply_triton was imported before TRITON_INTERPRET=1 was set, so "
-            "its kernel is compiled for CUDA; start the process with TRITON_INTERPRET=1"
+    module = importlib.import_module(f"{__name__}.{name}")
+    if device.type != "cuda" and not module.is_interpreted():
+        return _refuse(
+            explicit, refusal,
+            f"{module.__name__} was imported before TRITON_INTERPRET=1 was set, so its kernel is compiled for CUDA; "
+            "start the process with TRITON_INTERPRET=1",
         )
-    if weight.device.type == "cuda" and masked_apply_triton.is_interpreted() and not explicit:
+    if device.type == "cuda" and module.is_interpreted() and not explicit:
         return None  # interpreted Triton on CUDA tensors round-trips through host memory: torch is faster
-    return masked_apply_triton.masked_apply_triton_
+    return module
+
+
+def _refuse(explicit: bool, refusal: str, reason: str) -> None:
+    """Raise for an explicit Triton request that cannot run; None (take the fallback) for auto."""
+    if explicit:
+        raise RuntimeError(refusal.format(reason))
 
 
 def masked_apply_(
@@ -91,7 +97,9 @@ def masked_apply_(
     packed = packed.to(weight.device)
     values = values.to(weight.device)
     if choice != "torch":
-        fn = _triton_backend(weight, explicit=choice == "triton")
-        if fn is not None:
-            return fn(weight, packed, values, mode)
+        tri = _triton_kernel_module("masked_apply_triton", weight.device, choice == "triton",
+                                   f"impl='triton' cannot run: {{}}; or use impl='torch' / {IMPL_ENV}=torch",
+                                   "the weight is")
+        if tri is not None:
+            return tri.masked_apply_triton_(weight, packed, values, mode)
     return reference.masked_apply_(weight, packed, values, mode)

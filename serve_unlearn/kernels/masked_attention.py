@@ -22,7 +22,6 @@ score matrix.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -129,34 +128,15 @@ def _sdpa_gather(q, k, v, keep, query_scale, scale):
 
 def _triton_backend(q: torch.Tensor, explicit: bool):
     """The Triton host function when it can run on ``q``; else None (auto) or RuntimeError (explicit)."""
-    from . import is_triton_available
+    from . import _refuse, _triton_kernel_module
 
-    def unusable(reason: str) -> None:
-        if explicit:
-            raise RuntimeError(f"backend='triton' cannot run: {reason}; or use backend='sdpa_gather'")
-
-    if not is_triton_available():
-        return unusable("triton is not installed (pip install 'serve-unlearn[triton]')")
-    if q.device.type != "cuda":
-        if not explicit:
-            return None
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return unusable(
-                f"the inputs are on {q.device.type}, and Triton runs non-CUDA tensors only in its interpreter: "
-                "start the process with TRITON_INTERPRET=1 (set before triton is imported)"
-            )
-    from . import masked_attention_triton
-
-    if q.device.type != "cuda" and not masked_attention_triton.is_interpreted():
-        return unusable(
-            "serve_unlearn.kernels.masked_attention_triton was imported before TRITON_INTERPRET=1 was set, so "
-            "its kernel is compiled for CUDA; start the process with TRITON_INTERPRET=1"
-        )
-    if q.device.type == "cuda" and masked_attention_triton.is_interpreted() and not explicit:
-        return None  # interpreted Triton on CUDA tensors round-trips through host memory: SDPA is faster
-    if q.shape[-1] > masked_attention_triton.MAX_HEAD_DIM:
-        return unusable(f"head dim {q.shape[-1]} is above the kernel's {masked_attention_triton.MAX_HEAD_DIM}")
-    return masked_attention_triton.masked_attention_triton
+    refusal = "backend='triton' cannot run: {}; or use backend='sdpa_gather'"
+    tri = _triton_kernel_module("masked_attention_triton", q.device, explicit, refusal, "the inputs are")
+    if tri is None:
+        return None
+    if q.shape[-1] > tri.MAX_HEAD_DIM:
+        return _refuse(explicit, refusal, f"head dim {q.shape[-1]} is above the kernel's {tri.MAX_HEAD_DIM}")
+    return tri.masked_attention_triton
 
 
 _TORCH_BACKENDS = {"reference": _reference, "sdpa_mask": _sdpa_mask, "sdpa_gather": _sdpa_gather}

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 INPAINT_MODES = ("sip", "dip")
 BLOCK_INDEX = "block_index"
+# the ``__call__`` arguments that ``AttentiveEraserMixin._erase`` takes as they are
+_ERASE_ARGS = ("image", "mask_image", "height", "width", "strength", "num_inference_steps", "rm_guidance_scale",
+               "ss_scale", "ss_steps", "ae_start_step", "ae_end_step", "inpaint_mode", "mask_dilation",
+               "attention_backend", "num_images_per_prompt", "eta", "generator", "callback_on_step_end")
 
 
 # -- state shared by the processors of one call ---------------------------------------------------------------
@@ -280,10 +284,12 @@ class AttentiveEraserMixin:
     """Attentive Eraser (ASS + SARG) for diffusers UNet pipelines, in the shape of diffusers' ``PAGMixin``.
 
     A pipeline class lists it first among its bases (its ``from_pipe``/``from_pretrained`` refuse unsupported
-    denoisers before diffusers' generic errors) and implements ``_encode_conditioning`` and ``_decode_latents``.
+    denoisers before diffusers' generic errors) and implements ``_encode_conditioning``, ``_decode_latents`` and
+    ``_ae_output`` (post-processing and the output class); its ``__call__`` hands its arguments to ``_ae_call``.
     """
 
     _ae_preset = None  # an EraserPreset, set by each pipeline class
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "noise_pred", "image_latents", "mask_latents"]
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -546,6 +552,28 @@ class AttentiveEraserMixin:
         if inpaint_mode == "dip":
             latents = m_lat * latents + (1 - m_lat) * z0
         return latents, init_image, mask
+
+    def _ae_call(self, args: dict[str, Any], conditioning: Callable[[int, int], tuple[dict, dict | None]]):
+        """The body of both pipelines' ``__call__``: check the arguments, set the call state, erase, decode, and
+        hand over to ``_ae_output``. ``args`` is the caller's ``locals()``, so the shared arguments are written
+        out once, in each public signature, rather than again in every call to here."""
+        cb_inputs = list(args["callback_on_step_end_tensor_inputs"])
+        self._check_call_args(args["strength"], args["rm_guidance_scale"], args["ss_scale"], args["ss_steps"],
+                              args["ae_start_step"], args["ae_end_step"], args["inpaint_mode"],
+                              args["attention_backend"], cb_inputs)
+        self._guidance_scale = args["guidance_scale"]
+        self._rm_guidance_scale = args["rm_guidance_scale"]
+        self._clip_skip = args["clip_skip"]
+        self._cross_attention_kwargs = args["cross_attention_kwargs"]
+        self._interrupt = False
+        latents, init_image, mask = self._erase(conditioning=conditioning, callback_on_step_end_tensor_inputs=cb_inputs,
+                                                **{k: args[k] for k in _ERASE_ARGS})
+        output_type = args["output_type"]
+        image = self._finish(latents, init_image, mask, output_type=output_type, paste_back=args["paste_back"],
+                             paste_back_blur_radius=args["paste_back_blur_radius"], generator=args["generator"])
+        output = self._ae_output(image, latents, output_type, args["return_dict"])
+        self.maybe_free_model_hooks()
+        return output
 
     def _finish(self, latents, init_image, mask, *, output_type, paste_back, paste_back_blur_radius, generator):
         """Decode (unless ``output_type='latent'``) and optionally paste the original back outside the mask."""

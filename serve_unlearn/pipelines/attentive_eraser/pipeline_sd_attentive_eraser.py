@@ -8,7 +8,7 @@ with the eraser loop of ``AttentiveEraserMixin``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from diffusers import (
@@ -36,7 +36,6 @@ class StableDiffusionAttentiveEraserPipeline(AttentiveEraserMixin, StableDiffusi
     """
 
     _ae_preset = AE_PRESET_SD
-    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "noise_pred", "image_latents", "mask_latents"]
 
     def __init__(self, vae: AutoencoderKL | AsymmetricAutoencoderKL, text_encoder, tokenizer,
                  unet: UNet2DConditionModel, scheduler, safety_checker=None, feature_extractor=None,
@@ -125,35 +124,18 @@ class StableDiffusionAttentiveEraserPipeline(AttentiveEraserMixin, StableDiffusi
         Returns:
             ``StableDiffusionPipelineOutput`` (or a tuple when ``return_dict=False``).
         """
-        callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
-        self._check_call_args(strength, rm_guidance_scale, ss_scale, ss_steps, ae_start_step, ae_end_step,
-                              inpaint_mode, attention_backend, callback_on_step_end_tensor_inputs)
-        self._guidance_scale = guidance_scale
-        self._rm_guidance_scale = rm_guidance_scale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
         if prompt is None and prompt_embeds is None:
             prompt = ""
-        latents, init_image, mask = self._erase(
-            image=image, mask_image=mask_image, height=height, width=width,
-            conditioning=lambda h, w: self._encode_conditioning(prompt, negative_prompt, prompt_embeds,
-                                                                negative_prompt_embeds, clip_skip),
-            strength=strength, num_inference_steps=num_inference_steps, rm_guidance_scale=rm_guidance_scale,
-            ss_scale=ss_scale, ss_steps=ss_steps, ae_start_step=ae_start_step, ae_end_step=ae_end_step,
-            inpaint_mode=inpaint_mode, mask_dilation=mask_dilation, attention_backend=attention_backend,
-            num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-        image = self._finish(latents, init_image, mask, output_type=output_type, paste_back=paste_back,
-                             paste_back_blur_radius=paste_back_blur_radius, generator=generator)
+        return self._ae_call(locals(), lambda h, w: self._encode_conditioning(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip))
+
+    def _ae_output(self, image, latents: torch.Tensor, output_type: str, return_dict: bool):
+        """Safety checker, post-processing and SD's output class."""
         has_nsfw = None
         if output_type != "latent":
             image, has_nsfw = self.run_safety_checker(image, self._execution_device, latents.dtype)
             denormalize = [True] * image.shape[0] if has_nsfw is None else [not x for x in has_nsfw]
             image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
-        self.maybe_free_model_hooks()
         if not return_dict:
             return image, has_nsfw
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw)

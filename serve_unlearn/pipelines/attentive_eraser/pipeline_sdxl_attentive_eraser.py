@@ -9,7 +9,7 @@ branch, the VAE decodes in float32 when it would overflow in fp16, and the mask 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
@@ -33,7 +33,6 @@ class StableDiffusionXLAttentiveEraserPipeline(AttentiveEraserMixin, StableDiffu
     """
 
     _ae_preset = AE_PRESET_SDXL
-    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "noise_pred", "image_latents", "mask_latents"]
 
     def __init__(self, vae: AutoencoderKL, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
                  unet: UNet2DConditionModel, scheduler, image_encoder=None, feature_extractor=None,
@@ -135,40 +134,23 @@ class StableDiffusionXLAttentiveEraserPipeline(AttentiveEraserMixin, StableDiffu
         Returns:
             ``StableDiffusionXLPipelineOutput`` (or a tuple when ``return_dict=False``).
         """
-        callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
-        self._check_call_args(strength, rm_guidance_scale, ss_scale, ss_steps, ae_start_step, ae_end_step,
-                              inpaint_mode, attention_backend, callback_on_step_end_tensor_inputs)
-        self._guidance_scale = guidance_scale
-        self._rm_guidance_scale = rm_guidance_scale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
         self._denoising_end = None
         self._denoising_start = None
-        self._interrupt = False
         if prompt is None and prompt_embeds is None:
             prompt = ""
         embeds = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
                   "pooled_prompt_embeds": pooled_prompt_embeds,
                   "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds}
-        latents, init_image, mask = self._erase(
-            image=image, mask_image=mask_image, height=height, width=width,
-            conditioning=lambda h, w: self._encode_conditioning(
-                h, w, prompt, prompt_2, negative_prompt, negative_prompt_2, embeds, crops_coords_top_left,
-                aesthetic_score, negative_aesthetic_score, clip_skip),
-            strength=strength, num_inference_steps=num_inference_steps, rm_guidance_scale=rm_guidance_scale,
-            ss_scale=ss_scale, ss_steps=ss_steps, ae_start_step=ae_start_step, ae_end_step=ae_end_step,
-            inpaint_mode=inpaint_mode, mask_dilation=mask_dilation, attention_backend=attention_backend,
-            num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-        image = self._finish(latents, init_image, mask, output_type=output_type, paste_back=paste_back,
-                             paste_back_blur_radius=paste_back_blur_radius, generator=generator)
+        return self._ae_call(locals(), lambda h, w: self._encode_conditioning(
+            h, w, prompt, prompt_2, negative_prompt, negative_prompt_2, embeds, crops_coords_top_left,
+            aesthetic_score, negative_aesthetic_score, clip_skip))
+
+    def _ae_output(self, image, latents: torch.Tensor, output_type: str, return_dict: bool):
+        """Watermark, post-processing and SDXL's output class."""
         if output_type != "latent":
             if self.watermark is not None:
                 image = self.watermark.apply_watermark(image)
             image = self.image_processor.postprocess(image, output_type=output_type)
-        self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
         return StableDiffusionXLPipelineOutput(images=image)
