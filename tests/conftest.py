@@ -110,3 +110,12 @@ def pg_server():
 def pg_dsn(pg_server):
     """A fresh, empty database on the session's server."""
     return pg_server.create_database(f"registry_{next(_databases)}")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Two torch threads on a shared 2-core machine stall each other on tiny matmuls (~1000x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,4 +1,4 @@
-"""``serve-unlearn o3 list|score|forget``: output on an empty registry, and user errors exit 2 with a message."""
+"""``serve-unlearn o3 list|score|forget|retire``: output on an empty registry, and user errors exit 2 with a message."""
 
 from __future__ import annotations
 
@@ -26,3 +26,6 @@ def test_user_errors_exit_2_with_a_message(tmp_path, capsys):
                  "--registry", str(tmp_path / "reg")]) == 2
     assert "must not be empty" in capsys.readouterr().err
     assert not (tmp_path / "reg").exists()  # bad data fails before anything is created
+    ForgetRegistry(tmp_path / "reg")
+    assert main(["o3", "retire", "--registry", str(tmp_path / "reg"), "chemistry"]) == 2
+    assert "chemistry" in capsys.readouterr().err

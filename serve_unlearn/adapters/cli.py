@@ -1,4 +1,5 @@
-"""``serve-unlearn o3 forget|score|list``: file forget requests, see what the gate decides, list the registry."""
+"""``serve-unlearn o3 forget|retire|score|list``: file or withdraw forget requests, see what the gate decides, list
+the registry."""
 
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ def _forget(args) -> int:
     request = forget(registry, args.name, records, model=model, tokenizer=tokenizer, config=config,
                      progress=not args.quiet)
     out = {"request": asdict(request), "train_s": round(time.perf_counter() - t0, 2)}
+    print(json.dumps(_hot_load(args, registry, out), indent=2))
+    return 0
+
+
+def _retire(args) -> int:
+    registry = ForgetRegistry(args.registry, create=False)
+    out = {"request": asdict(registry.retire(args.name))}
+    print(json.dumps(_hot_load(args, registry, out), indent=2))
+    return 0
+
+
+def _hot_load(args, registry: ForgetRegistry, out: dict) -> dict:
+    """With --server: put the registry's new state in force on the running server, and report how."""
     if args.server:
         from ..serving.vllm.config import VllmServeConfig
         from ..serving.vllm.hotload import load_into_server
@@ -32,8 +46,15 @@ def _forget(args) -> int:
         report = load_into_server(registry, args.server, VllmServeConfig.load(args.serve_config),
                                   api_key=os.environ.get(args.api_key_env))
         out["server"] = asdict(report)
-    print(json.dumps(out, indent=2))
-    return 0
+    return out
+
+
+def _add_server_args(parser, what: str) -> None:
+    parser.add_argument("--server", help=f"a running `serve-unlearn vllm` server (http://host:port): {what}")
+    parser.add_argument("--serve-config",
+                        help="the server's YAML VllmServeConfig (bank scales), e.g. configs/vllm.yaml")
+    parser.add_argument("--api-key-env", default="VLLM_API_KEY",
+                        help="environment variable holding the server's API key, if it has one")
 
 
 def _score(args) -> int:
@@ -72,12 +93,13 @@ def add_o3_parser(sub) -> None:
     f.add_argument("--registry", required=True, help="registry folder (created when missing)")
     f.add_argument("--config", help="YAML ForgetConfig (detector:, lora:), e.g. configs/o3_forget.yaml")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
-    f.add_argument("--server", help="a running `serve-unlearn vllm` server (http://host:port): hot-load the "
-                   "request into it and switch its routing")
-    f.add_argument("--serve-config", help="the server's YAML VllmServeConfig (bank scales), e.g. configs/vllm.yaml")
-    f.add_argument("--api-key-env", default="VLLM_API_KEY",
-                   help="environment variable holding the server's API key, if it has one")
+    _add_server_args(f, "hot-load the request into it and switch its routing")
     f.set_defaults(func=_forget)
+    r = osub.add_parser("retire", help="take a ready request out of force (its records and artifacts stay)")
+    r.add_argument("--registry", required=True)
+    r.add_argument("name", help="request name or id")
+    _add_server_args(r, "switch it to the remaining requests")
+    r.set_defaults(func=_retire)
     s = osub.add_parser("score", help="print the gate's weight per request for each TEXT, as JSON")
     s.add_argument("--registry", required=True)
     s.add_argument("--gate-config", help="YAML GateConfig (policy:, fail_closed:, ...)")

@@ -147,6 +147,12 @@ def write_adapter_info(folder: Path, *, base_fingerprint: str, requests: list[st
                                                   indent=2))
 
 
+def adapter_requests(folder: str | Path) -> list[str] | None:
+    """The names of the forget requests an adapter folder was built from (None: a foreign peft adapter)."""
+    info_path = Path(folder) / ADAPTER_INFO
+    return json.loads(info_path.read_text())["requests"] if info_path.is_file() else None
+
+
 def check_adapter_base(folder: str | Path, model: nn.Module) -> None:
     """ArtifactError unless the adapter in ``folder`` was trained on this base model."""
     info_path = Path(folder) / ADAPTER_INFO

@@ -6,23 +6,64 @@ request takes effect without a restart.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import shutil
 from pathlib import Path
 
 from ..errors import ArtifactError
 from .gate import Gate, GateConfig
-from .registry import ForgetRegistry
+from .orthogonal_lora import adapter_requests, concat_adapters
+from .registry import ForgetRegistry, ForgetRequest
+
+logger = logging.getLogger(__name__)
 
 
-def served_adapter(registry: ForgetRegistry) -> Path | None:
-    """The adapter folder to serve now (the newest ready request's ``served`` artifact); None without requests."""
-    latest = registry.latest()
-    if latest is None:
+def served_adapter(registry: ForgetRegistry, *, up_to_version: int | None = None) -> Path | None:
+    """The adapter folder to serve for the ready requests (those with version <= ``up_to_version``, when given:
+    what a server read at one registry generation); None without requests.
+
+    That is the newest request's ``served`` artifact, unless an earlier request was retired since it was built:
+    in ``per-request`` mode the rank-concatenation of the remaining requests' own adapters is then built once
+    under ``<registry>/served/`` (a retired request must stop unlearning anything). A ``cumulative`` adapter
+    carries every earlier request through its warm start and cannot drop one: that is logged.
+    """
+    ready = [r for r in registry.ready() if up_to_version is None or (r.version or 0) <= up_to_version]
+    if not ready:
         return None
+    latest = ready[-1]
     try:
-        return registry.artifact_path(latest, "served")
+        path = registry.artifact_path(latest, "served")
     except ArtifactError as exc:
         raise ArtifactError(f"request {latest.name!r} has no usable served adapter ({exc}); "
                             "register it again") from None
+    built_from = adapter_requests(path)
+    wanted = [r.name for r in ready]
+    if built_from is None or built_from == wanted:
+        return path
+    if latest.config.get("lora", {}).get("mode") == "cumulative":
+        logger.warning("request(s) %s were retired, but the cumulative adapter of %r was warm-started from them and "
+                       "still carries them; file the later requests again (mode per-request avoids this)",
+                       sorted(set(built_from) - set(wanted)), latest.name)
+        return path
+    return _concatenation(registry, ready)
+
+
+def _concatenation(registry: ForgetRegistry, ready: list[ForgetRequest]) -> Path:
+    """The rank-concatenation of ``ready``'s own adapters, built once per set of requests (atomic rename)."""
+    key = hashlib.sha256(",".join(r.id for r in ready).encode()).hexdigest()[:16]
+    out = Path(registry.root) / "served" / key
+    if not out.is_dir():
+        tmp = out.with_name(f".{key}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        concat_adapters([registry.artifact_path(r, "adapter") for r in ready], tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("served adapter rebuilt without retired requests: %s (%s)", out, [r.name for r in ready])
+    return out
 
 
 def load_gate(registry: ForgetRegistry, config: GateConfig | None = None, *,

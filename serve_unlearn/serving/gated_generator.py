@@ -54,8 +54,8 @@ class GatedGenerator:
         generation = self.registry.generation
         if generation == self.generation:
             return False
-        adapter_dir = served_adapter(self.registry)
-        gate = load_gate(self.registry, self.gate_config)
+        adapter_dir = served_adapter(self.registry, up_to_version=generation)
+        gate = load_gate(self.registry, self.gate_config, up_to_version=generation)
         if adapter_dir is not None:
             check_adapter_base(adapter_dir, self.base)
         self._drop_adapter()

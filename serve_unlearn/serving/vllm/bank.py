@@ -3,8 +3,9 @@
 vLLM folds ``lora_alpha / r`` into the LoRA at load and has no per-request scale, so a scale s is served as its
 own adapter: a folder whose ``adapter_config.json`` sets ``lora_alpha = s·α`` and whose weights file is a symlink
 to the one adapter (the weights are shared on disk, never copied). The gate's scale is mapped to a bucket; scale 0
-is the base model (no LoRA at all). Names carry the registry version (``o3-v{version}-s{scale}``) so a new forget
-request gets new names: vLLM caches KV by adapter, and reusing a name for new weights would serve stale prefixes.
+is the base model (no LoRA at all). Names carry the registry generation (``o3-v{generation}-s{scale}``), so a new or
+retired forget request gets new names: vLLM caches KV by adapter, and reusing a name for new weights would serve
+stale prefixes.
 """
 
 from __future__ import annotations

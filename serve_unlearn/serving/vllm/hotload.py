@@ -1,4 +1,4 @@
-"""Put the registry's newest request in force on a running vLLM server, without a restart or a dropped request.
+"""Put the registry's ready requests in force on a running vLLM server, without a restart or a dropped request.
 
 Order: build the new version's bank → load every bucket into vLLM (``/v1/load_lora_adapter``; all or nothing) →
 publish it (each middleware switches its routing within its poll interval) → wait until the middlewares route to
@@ -53,16 +53,17 @@ def _call(url: str, method: str = "GET", payload: dict | None = None, api_key: s
 
 def load_into_server(registry: ForgetRegistry, server: str, config: VllmServeConfig | None = None, *,
                      api_key: str | None = None, drain_timeout_s: float = 60.0) -> HotLoadReport:
-    """Load, publish and switch to the registry's newest served adapter on ``server`` (e.g. http://host:8000)."""
+    """Load, publish and switch to what the registry serves now (its generation) on ``server`` (e.g. http://host:8000)."""
     config = config or VllmServeConfig()
     server = server.rstrip("/")
-    latest = registry.latest()
-    if latest is None:
+    generation = registry.generation  # bank names carry it: a retire changes what is served, too
+    adapter = served_adapter(registry, up_to_version=generation)
+    if adapter is None:
         raise ServerError("the registry has no ready forget request to load")
     old = published_bank(registry)
-    if old is not None and old.version == latest.version:
-        return HotLoadReport(latest.version, 0.0, 0.0)
-    bank = build_bank(served_adapter(registry), bank_dir(registry), latest.version, config.bank.scales)
+    if old is not None and old.version == generation:
+        return HotLoadReport(generation, 0.0, 0.0)
+    bank = build_bank(adapter, bank_dir(registry), generation, config.bank.scales)
     t0 = time.perf_counter()
     loaded: list[str] = []
     for name, path in zip(bank.names, bank.paths):

@@ -45,11 +45,11 @@ def bank_dir(registry: ForgetRegistry) -> Path:
 
 def plan(model: str, registry: ForgetRegistry, config: VllmServeConfig, *, config_path: str | None = None,
          extra_args: list[str] = (), write: bool = True) -> LaunchPlan:
-    latest = registry.latest()
+    generation = registry.generation
+    adapter = served_adapter(registry, up_to_version=generation)
     bank = None
-    if latest is not None:
-        bank = build_bank(served_adapter(registry), bank_dir(registry), latest.version, config.bank.scales,
-                          write=write)
+    if adapter is not None:
+        bank = build_bank(adapter, bank_dir(registry), generation, config.bank.scales, write=write)
     k = len(config.bank.scales)
     max_loras = config.max_loras or 2 * k + 1
     rank = max_lora_rank(max(config.max_lora_rank, bank.rank if bank else 1))
