@@ -92,7 +92,7 @@ def _patch_inspect(args) -> int:
           f"tensors={len(info['tensors'])}  payload={info['nbytes']} bytes")
     print(f"base fingerprint {meta.get('base_fingerprint')}  created {meta.get('created_at')}")
     for name, t in info["tensors"].items():
-        print(f"  {name:60s} {str(tuple(t['shape'])):>16s} {t['dtype']:>9s} {t['form']:>5s} density={t['density']:.4f}")
+        print(f"  {name:60s} {tuple(t['shape'])!s:>16s} {t['dtype']:>9s} {t['form']:>5s} density={t['density']:.4f}")
     return 0
 
 
@@ -105,7 +105,7 @@ def _folder_tensors(folder: Path, names: set[str] | None = None):
     found = {}
     for shard in weight_shards(folder):
         with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - a safetensors handle is not a dict
                 if names is None or key in names:
                     found[key] = f.get_tensor(key)
     return found

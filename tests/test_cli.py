@@ -103,7 +103,7 @@ def test_classifier_module_folder_and_npz(tiny_mlp, tmp_path, capsys):
     (["--include", "no_such_param"], "no parameter matches"),
 ])
 def test_bad_hyperparameters_exit_2_and_write_nothing(tiny_llama_dir, lm_data, tmp_path, capsys, bad, match):
-    forget, retain = lm_data
+    forget, _ = lm_data
     out = tmp_path / "x.patch.safetensors"
     assert main(["salun", "--model", str(tiny_llama_dir), "--forget", str(forget), "--out", str(out), *bad]) == 2
     assert match in capsys.readouterr().err

@@ -156,7 +156,7 @@ def test_a_published_version_is_picked_up_by_status_polls(tmp_path):
         for _ in range(100):
             sent = []
 
-            async def send(m):
+            async def send(m, sent=sent):
                 sent.append(m)
 
             await mw({"type": "http", "method": "GET", "path": "/serve-unlearn/status", "headers": []},

@@ -5,8 +5,15 @@ import torch
 from helpers import assert_bit_equal, bits, snapshot
 
 import serve_unlearn
-from serve_unlearn.patches import (PatchMismatchError, PatchStateError, WeightPatch, apply_patch, materialize,
-                                   revert_patch, stack_patches)
+from serve_unlearn.patches import (
+    PatchMismatchError,
+    PatchStateError,
+    WeightPatch,
+    apply_patch,
+    materialize,
+    revert_patch,
+    stack_patches,
+)
 
 
 def _edit(sd, names, density=0.2, seed=0, scale=1.0):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Mapping, MutableMapping, Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import nn
@@ -21,8 +21,8 @@ from ..kernels import pack_mask, unpack_mask
 from .fingerprint import tensor_digest
 from .format import PatchEntry, WeightPatch, dtype_name
 
-PatchLike = Union[WeightPatch, str, os.PathLike]
-Target = Union[nn.Module, MutableMapping[str, torch.Tensor]]
+PatchLike = WeightPatch | str | os.PathLike
+Target = nn.Module | MutableMapping[str, torch.Tensor]
 Overlap = Literal["last", "error"]
 
 

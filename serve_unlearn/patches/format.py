@@ -133,7 +133,7 @@ class WeightPatch:
         if self.mode not in ("replace", "add"):
             raise PatchFormatError(f"mode must be 'replace' or 'add', got {self.mode!r}")
         self.metadata = dict(self.metadata)
-        self.metadata.setdefault("created_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        self.metadata.setdefault("created_at", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
         self.metadata["mode"] = self.mode
         self.metadata["base_fingerprint"] = self.fingerprint
 
@@ -181,7 +181,7 @@ class WeightPatch:
         method: str = "diff",
         mode: Mode = "replace",
         **meta: Any,
-    ) -> "WeightPatch":
+    ) -> WeightPatch:
         """Patch that turns ``base_state_dict`` into ``edited_state_dict`` (only tensors that differ are stored).
 
         Works on any two state dicts with the same key convention, so an unlearned checkpoint made by another
@@ -260,14 +260,14 @@ class WeightPatch:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "WeightPatch":
+    def load(cls, path: str | os.PathLike) -> WeightPatch:
         path = Path(path)
         if not path.is_file():
             raise PatchFormatError(f"patch file {str(path)!r} does not exist")
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle is not a dict
         except Exception as exc:  # safetensors raises several types for truncated/corrupt files
             raise PatchFormatError(
                 f"{str(path)!r} is not a readable safetensors file ({exc}); it may be truncated or corrupt: "
@@ -276,7 +276,7 @@ class WeightPatch:
         return cls._from_parts(raw, tensors, str(path))
 
     @classmethod
-    def _from_parts(cls, raw: Mapping[str, str], tensors: Mapping[str, torch.Tensor], where: str) -> "WeightPatch":
+    def _from_parts(cls, raw: Mapping[str, str], tensors: Mapping[str, torch.Tensor], where: str) -> WeightPatch:
         if raw.get("format") != FORMAT_NAME:
             raise PatchFormatError(f"{where!r} is not a serve-unlearn patch (header format={raw.get('format')!r})")
         if raw.get("format_version") != str(FORMAT_VERSION):

@@ -18,8 +18,8 @@ from torch import nn
 from .config import IAUConfig
 from .fingerprint import data_digest
 from .format import WeightPatch
-from .salun import _records, cast_all, snapshot
 from .saliency import accumulate_gradients, saliency_masks, select_parameters
+from .salun import _records, cast_all, snapshot
 from .tasks import UnlearnTask
 
 ADAM_EPS = 1e-8
@@ -47,7 +47,7 @@ def iau(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any, config: I
              if config.mask_ratio else None)
     base = snapshot(params)
     edited = {}
-    for n, p in params.items():
+    for n in params:
         g = g_r[n] - g_f[n]
         delta = -config.lr * (g / (g.abs() + ADAM_EPS) if config.step == "adam1" else g)
         if masks is not None:

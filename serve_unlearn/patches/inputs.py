@@ -88,7 +88,7 @@ def checkpoint_dtype(folder: str | Path) -> torch.dtype:
     from .materialize import weight_shards
 
     with safe_open(str(weight_shards(Path(folder))[0]), framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - a safetensors handle is not a dict
             sl = f.get_slice(key)
             dt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(sl.get_dtype())
             if dt is not None:

@@ -41,7 +41,7 @@ def patch_folder_in_place(folder: Path, patch: WeightPatch) -> WeightPatch:
     owner: dict[str, Path] = {}
     for shard in shards:
         with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - a safetensors handle is not a dict
                 owner[key] = shard
     missing = [n for n in patch.tensor_names if n not in owner]
     if missing:
