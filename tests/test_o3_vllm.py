@@ -137,7 +137,7 @@ def test_streaming_passes_through_the_middleware(setup):
 def test_naming_an_adapter_needs_the_admin_token(setup):
     status, _, text = _post("/v1/completions", {"model": bank_name(1, 1.0), "prompt": "hi", "max_tokens": 2})
     assert status == 403 and "serve-unlearn adapter" in text
-    h, body = _complete("hi", model=bank_name(1, 0.5), headers={"x-serve-unlearn-admin": ADMIN})
+    _, body = _complete("hi", model=bank_name(1, 0.5), headers={"x-serve-unlearn-admin": ADMIN})
     assert body["model"] == bank_name(1, 0.5)
 
 
@@ -198,7 +198,7 @@ def test_a_second_request_is_hot_loaded_and_in_force(setup):
                     for _ in range(4)]
         report = load_into_server(registry, URL, cfg)
         assert all(f.result()[1]["choices"] for f in inflight)
-    assert report.version == 2 and report.unloaded == list(map(lambda s: bank_name(1, s), cfg.bank.scales))
+    assert report.version == 2 and report.unloaded == [bank_name(1, s) for s in cfg.bank.scales]
     assert _get("/serve-unlearn/status")["version"] == 2
     h, _ = _complete("Which planet is known as the Red Planet?")
     assert h["x-serve-unlearn-adapter"] == bank_name(2, 1.0)
