@@ -23,6 +23,7 @@ from serve_unlearn.adapters.detector import DetectorConfig
 from serve_unlearn.adapters.forget_request import ForgetConfig, forget
 from serve_unlearn.adapters.orthogonal_lora import UnlearnLoraConfig
 from serve_unlearn.adapters.registry import ForgetRegistry
+from serve_unlearn.adapters.served import load_gate
 from serve_unlearn.errors import ServerError
 from serve_unlearn.eval.qa import load_qa
 from serve_unlearn.serving.vllm.bank import bank_name
@@ -223,15 +224,23 @@ def test_a_refused_load_leaves_the_running_version(setup):
 
 
 def test_retiring_a_request_takes_it_out_of_force(setup):
-    """Retiring the first request leaves "space" and "baking" (rank 8 + 8, which the server takes): the chemistry
-    prompt goes back to the base model, under new adapter names."""
+    """Retiring the first request leaves "space" and "baking" (rank 8 + 8, which the server takes): the server
+    switches to new adapter names built without it, and its detector no longer weighs prompts."""
     registry = setup["registry"]
     if [r.name for r in registry.ready()] != ["chemistry", "space", "baking"]:
         pytest.skip("needs the three requests of the tests above")
     registry.retire("chemistry")
     report = load_into_server(registry, URL, VllmServeConfig.load(setup["config"]))
-    assert report.version == registry.generation and _get("/serve-unlearn/status")["version"] == report.version
-    h, body = _complete("What is the chemical formula of water?")
-    assert h["x-serve-unlearn-adapter"] == "base" and body["model"] == "tiny"
+    status = _get("/serve-unlearn/status")
+    assert report.version == registry.generation == status["version"]
+    assert status["requests"] == ["space", "baking"]
+    assert bank_name(report.version, 1.0) in {m["id"] for m in _get("/v1/models")["data"]}
+    prompt = "What is the chemical formula of water?"
+    h, _ = _complete(prompt)
+    gate = load_gate(registry)
+    try:
+        assert float(h["x-serve-unlearn-weight"]) == pytest.approx(gate.decide([prompt])[0].weight, abs=1e-6)
+    finally:
+        gate.close()
     h, _ = _complete("Which planet is known as the Red Planet?")
     assert h["x-serve-unlearn-adapter"] == bank_name(report.version, 1.0)

@@ -185,6 +185,7 @@ class O3Middleware:
 
     def status(self) -> dict:
         return {"version": self.routing.version if self.routing else None, "error": self.error,
+                "requests": list(self.routing.gate.request_names) if self.routing else [],
                 "counters": dict(self.counters),
                 "gate": dict(self.routing.gate.counters) if self.routing else {},
                 "inflight": {str(k): v for k, v in self.inflight.items() if v}}
