@@ -239,7 +239,8 @@ def test_retiring_a_request_takes_it_out_of_force(setup):
     h, _ = _complete(prompt)
     gate = load_gate(registry)
     try:
-        assert float(h["x-serve-unlearn-weight"]) == pytest.approx(gate.decide([prompt])[0].weight, abs=1e-6)
+        # the header carries 4 decimals
+        assert float(h["x-serve-unlearn-weight"]) == pytest.approx(gate.decide([prompt])[0].weight, abs=1e-4)
     finally:
         gate.close()
     h, _ = _complete("Which planet is known as the Red Planet?")
