@@ -664,3 +664,17 @@ def test_cli_erase_errors(sd_dir, tmp_path, capsys):
     assert main(["erase", "--model", str(tmp_path / "nowhere"), *common]) == 2
     assert main(["erase", "--model", str(sd_dir), "--image", str(tmp_path / "missing.png"),
                  "--mask", str(tmp_path / "in.png"), "--out", str(tmp_path / "o.png")]) == 2
+
+
+def test_pipelines_package_is_lazy_and_says_when_diffusers_is_missing(monkeypatch):
+    import importlib.util
+
+    import serve_unlearn.pipelines as pipelines
+
+    assert pipelines.StableDiffusionAttentiveEraserPipeline is StableDiffusionAttentiveEraserPipeline
+    with pytest.raises(AttributeError):
+        pipelines.NoSuchPipeline  # noqa: B018
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "diffusers" else real(n, *a))
+    with pytest.raises(ImportError, match="pip install"):
+        pipelines.StableDiffusionXLAttentiveEraserPipeline  # noqa: B018
