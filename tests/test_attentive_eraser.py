@@ -669,7 +669,7 @@ def test_cli_erase_errors(sd_dir, tmp_path, capsys):
 def test_pipelines_package_is_lazy_and_says_when_diffusers_is_missing(monkeypatch):
     import importlib.util
 
-    import serve_unlearn.pipelines as pipelines
+    from serve_unlearn import pipelines
 
     assert pipelines.StableDiffusionAttentiveEraserPipeline is StableDiffusionAttentiveEraserPipeline
     with pytest.raises(AttributeError):
