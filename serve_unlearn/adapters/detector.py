@@ -742,9 +742,19 @@ def _pooled(holder: _Encoder, tokenizer, max_length: int, adapters: Sequence[str
     return torch.cat(parts, dim=2)
 
 
-def _d_h(detectors: Sequence[OODDetector], feats: torch.Tensor) -> torch.Tensor:
-    """(T, n) d_H of each detector on its slice of the (T, L, n, d) features."""
-    return torch.stack([det.svm.decision(det.stats.scores(f, det.config.gamma)) for det, f in zip(detectors, feats)])
+def _d_h(detectors: Sequence[OODDetector], feats: torch.Tensor, split: int = 0) -> torch.Tensor:
+    """(T, n) d_H of each detector on its slice of the (T, L, n, d) features.
+
+    Below layer ``split`` no detector has a LoRA, so every slice holds the same features there; detectors trained
+    on the same background share its nearest-neighbour cosines on those layers (computed once, not T times)."""
+    shared: dict[str | None, torch.Tensor] = {}
+    out = []
+    for det, f in zip(detectors, feats):
+        key = (det.info.get("background") or {}).get("sha256")
+        if key is not None and split > 0 and key not in shared:
+            shared[key] = det.stats.background_cos(f[:split])
+        out.append(det.svm.decision(det.stats.scores(f, det.config.gamma, shared.get(key))))
+    return torch.stack(out)
 
 
 class DetectorEnsemble:
@@ -790,7 +800,7 @@ class DetectorEnsemble:
         first = self.detectors[0]
         feats = _pooled(first._holder, first.tokenizer, first.config.max_length,
                         [d._adapter for d in self.detectors], self._split, texts, batch_size)
-        return _d_h(self.detectors, feats).numpy()
+        return _d_h(self.detectors, feats, self._split).numpy()
 
     def weights(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """(T, n) calibrated w_raw of every detector (what the gate takes the max over)."""

@@ -50,20 +50,30 @@ class LayerStats:
         stored = [t.float().double() for t in (x.mean(dim=1), precision, _unit(x))]
         return cls(*stored, background=None if background is None else _unit(background.double()).float().double())
 
-    def parts(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g, c), each (n, L), of (L, n, d) features: the Gaussian log-density and the local term."""
+    def parts(self, feats: torch.Tensor, shared: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g, c), each (n, L), of (L, n, d) features: the Gaussian log-density and the local term.
+
+        ``shared``: (k, n) nearest-background cosines of the first k layers, when another detector with the same
+        background has already computed them on the same features (an ensemble's layers below every LoRA)."""
         x = feats.double()
         centred = x - self.mean[:, None, :]
         g = -0.5 * ((centred @ self.precision) * centred).sum(dim=-1)
         unit = _unit(x)
         c = torch.einsum("lnd,lmd->lnm", unit, self.bank).amax(dim=-1)
         if self.background is not None:
-            c = c - torch.einsum("lnd,lmd->lnm", unit, self.background).amax(dim=-1)
+            k = 0 if shared is None else shared.shape[0]
+            own = self.background_cos(feats[k:], first_layer=k)
+            c = c - (own if shared is None else torch.cat([shared, own]))
         return g.T, c.T
 
-    def scores(self, feats: torch.Tensor, gamma: float) -> torch.Tensor:
+    def background_cos(self, feats: torch.Tensor, first_layer: int = 0) -> torch.Tensor:
+        """(l, n) nearest-neighbour cosine to the background of (l, n, d) features of layers first_layer, ..."""
+        background = self.background[first_layer:first_layer + feats.shape[0]]
+        return torch.einsum("lnd,lmd->lnm", _unit(feats.double()), background).amax(dim=-1)
+
+    def scores(self, feats: torch.Tensor, gamma: float, shared: torch.Tensor | None = None) -> torch.Tensor:
         """(n, L) glocal scores g + gamma * c."""
-        g, c = self.parts(feats)
+        g, c = self.parts(feats, shared)
         return g + gamma * c
 
     def tensors(self) -> dict[str, torch.Tensor]:
