@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -56,6 +57,42 @@ def test_batches_are_split_by_batch_size():
 
     Gate(scorer, ["r"], GateConfig(batch_size=4)).decide([f"p{i}" for i in range(10)])
     assert seen == [4, 4, 2]
+
+
+def test_concurrent_callers_are_scored_together_and_get_their_own_rows():
+    """While one pass runs, later callers queue; the next pass scores all of them at once."""
+    first_running, release = threading.Event(), threading.Event()
+    seen = []
+
+    def scorer(texts):
+        seen.append(list(texts))
+        if len(seen) == 1:
+            first_running.set()
+            release.wait(5)
+        return np.array([[float(t.removeprefix("p")) / 10 for t in texts]])
+
+    gate = Gate(scorer, ["r"], GateConfig(batch_size=64))
+    results = {}
+
+    def call(i):
+        results[i] = [d.weight for d in gate.decide([f"p{i}", f"p{i + 1}"])]
+
+    threads = [threading.Thread(target=call, args=(0,))]
+    threads[0].start()
+    assert first_running.wait(5)
+    threads += [threading.Thread(target=call, args=(i,)) for i in (2, 4, 6)]
+    for t in threads[1:]:
+        t.start()
+    deadline = time.monotonic() + 5
+    while sum(len(q) for q, _ in gate._queue) < 6 and time.monotonic() < deadline:  # the later callers queue
+        time.sleep(0.01)
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert len(seen) == 2 and sorted(seen[1]) == sorted(f"p{i}" for i in range(2, 8))
+    assert results == {i: pytest.approx([i / 10, (i + 1) / 10]) for i in (0, 2, 4, 6)}
+    assert gate.counters["decisions"] == 8
+    gate.close()
 
 
 def test_fails_closed_when_the_detector_raises(caplog):
