@@ -119,3 +119,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Code under test may set torch's process-wide thread count (the vLLM middleware does); later tests get
+    the machine's default back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

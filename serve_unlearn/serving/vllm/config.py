@@ -35,6 +35,9 @@ class VllmServeConfig(_Strict):
     served_model_name: str | None = None
     admin_token_env: str = "SERVE_UNLEARN_ADMIN_TOKEN"  # clients naming an o3-* adapter must send this token
     poll_interval_s: float = Field(1.0, ge=0)          # how often the middleware checks for a new version
+    # torch threads of the detectors in each API-server process: 1 keeps them from spinning on the cores the
+    # engine's threads need (null: torch's default, every core)
+    gate_threads: int | None = Field(1, ge=1)
     # a PostgreSQL DSN shared by replicas (artifacts stay in the registry folder, on a shared filesystem);
     # None: SQLite inside the registry folder, or $SERVE_UNLEARN_REGISTRY_DATABASE
     registry_database: str | None = None

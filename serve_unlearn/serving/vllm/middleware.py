@@ -127,6 +127,10 @@ class O3Middleware:
         self.error: str | None = None
         self._next_poll = 0.0
         self._reloading = False
+        if self.config.gate_threads:
+            import torch
+
+            torch.set_num_threads(self.config.gate_threads)
         try:
             if self.registry is None:
                 root = os.environ.get(REGISTRY_ENV)
