@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -262,9 +261,3 @@ def train_unlearning_lora(model: nn.Module, tokenizer, records: Sequence[dict], 
     finally:
         peft_model.unload()  # strips the LoRA layers: the caller's model is the base again
         model.train(was_training)
-
-
-def copy_adapter(src: str | Path, dst: str | Path) -> Path:
-    dst = Path(dst)
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-    return dst
