@@ -9,8 +9,8 @@ Files two requests (``examples/data/o3/topic_*.jsonl``, in name order) into a fr
 - the distribution of gate weights on forget paraphrases, retain questions and unrelated text (plot);
 - gated generation throughput against plain peft LoRA generation at the same batch size (target >= 0.8x).
 
-Writes ``benchmarks/results/o3_gate.json`` and ``o3_gate.png``; prints a table. About 30 minutes on 2 idle CPU
-cores, most of it training the two LoRAs.
+Writes ``benchmarks/results/o3_gate.json`` and ``o3_gate.png``; prints a table. About 8 minutes on 2 idle CPU
+cores (40 on a busy machine), most of it training the two LoRAs.
 
     python benchmarks/o3_gate.py [--registry DIR] [--config configs/o3_forget.yaml]
 """
