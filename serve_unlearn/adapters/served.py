@@ -20,6 +20,11 @@ from .registry import ForgetRegistry, ForgetRequest
 logger = logging.getLogger(__name__)
 
 
+def _ready(registry: ForgetRegistry, up_to_version: int | None) -> list[ForgetRequest]:
+    """The ready requests a server reading the registry at generation ``up_to_version`` (None: now) serves."""
+    return [r for r in registry.ready() if up_to_version is None or (r.version or 0) <= up_to_version]
+
+
 def served_adapter(registry: ForgetRegistry, *, up_to_version: int | None = None) -> Path | None:
     """The adapter folder to serve for the ready requests (those with version <= ``up_to_version``, when given:
     what a server read at one registry generation); None without requests.
@@ -29,7 +34,7 @@ def served_adapter(registry: ForgetRegistry, *, up_to_version: int | None = None
     under ``<registry>/served/`` (a retired request must stop unlearning anything). A ``cumulative`` adapter
     carries every earlier request through its warm start and cannot drop one: that is logged.
     """
-    ready = [r for r in registry.ready() if up_to_version is None or (r.version or 0) <= up_to_version]
+    ready = _ready(registry, up_to_version)
     if not ready:
         return None
     latest = ready[-1]
@@ -72,7 +77,7 @@ def load_gate(registry: ForgetRegistry, config: GateConfig | None = None, *,
     given: the requests inside a published bank) over one shared backbone."""
     from .detector import DetectorEnsemble
 
-    ready = [r for r in registry.ready() if up_to_version is None or (r.version or 0) <= up_to_version]
+    ready = _ready(registry, up_to_version)
     if not ready:
         return Gate(lambda texts: None, [], config)
     ensemble = DetectorEnsemble.load([registry.artifact_path(r, "detector") for r in ready])  # one backbone
