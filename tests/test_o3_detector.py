@@ -194,7 +194,7 @@ def test_background_is_saved_with_the_detector_and_optional(trained, tiny_bert_d
 
     det, folder = trained["top"]
     assert det.info["background"]["prompts"] >= 400  # the packaged one, by default
-    assert load_file(folder / "stats.safetensors")["background"].shape[:2] == (det.stats.mean.shape[0], 
+    assert load_file(folder / "stats.safetensors")["background"].shape[:2] == (det.stats.mean.shape[0],
                                                                               det.info["background"]["prompts"])
     plain = OODDetector.train(FORGET, tiny_config(tiny_bert_dir, lora_layers=0, background=None), progress=False)
     plain.save(tmp_path / "plain")

@@ -53,7 +53,8 @@ def _call(url: str, method: str = "GET", payload: dict | None = None, api_key: s
 
 def load_into_server(registry: ForgetRegistry, server: str, config: VllmServeConfig | None = None, *,
                      api_key: str | None = None, drain_timeout_s: float = 60.0) -> HotLoadReport:
-    """Load, publish and switch to what the registry serves now (its generation) on ``server`` (e.g. http://host:8000)."""
+    """Load, publish and switch to what the registry serves now (its generation) on ``server``
+    (e.g. http://host:8000)."""
     config = config or VllmServeConfig()
     server = server.rstrip("/")
     generation = registry.generation  # bank names carry it: a retire changes what is served, too

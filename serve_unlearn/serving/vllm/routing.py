@@ -55,7 +55,8 @@ class Routing:
 
 
 def load_routing(registry: ForgetRegistry, gate_config: GateConfig) -> Routing:
-    """The published bank with a gate over exactly the requests it was built from (version = the registry generation it was built at)."""
+    """The published bank with a gate over exactly the requests it was built from (its version is the registry
+    generation it was built at)."""
     bank = published_bank(registry)
     if bank is None:
         return Routing(None, Gate(lambda texts: None, [], gate_config))
