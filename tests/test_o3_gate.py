@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from serve_unlearn.adapters.gate import Gate, GateConfig, GatePolicy, gate_text
+from serve_unlearn.adapters.gate import Gate, GateConfig, GatePolicy
 from serve_unlearn.errors import GateInputError, UnlearnConfigError
 
 
@@ -84,7 +84,7 @@ def test_concurrent_callers_are_scored_together_and_get_their_own_rows():
     for t in threads[1:]:
         t.start()
     deadline = time.monotonic() + 5
-    while sum(len(q) for q, _ in gate._queue) < 6 and time.monotonic() < deadline:  # the later callers queue
+    while sum(len(j.texts) for j in gate._jobs) < 6 and time.monotonic() < deadline:  # the later callers queue
         time.sleep(0.01)
     release.set()
     for t in threads:
@@ -136,15 +136,83 @@ def test_no_requests_means_base_model():
     assert d[0].scale == 0.0 and d[0].error is None
 
 
-def test_gate_text_extracts_the_last_user_turn():
-    chatml = ("<|im_start|>system\nBe nice.<|im_end|>\n<|im_start|>user\nfirst<|im_end|>\n"
-              "<|im_start|>assistant\nok<|im_end|>\n<|im_start|>user\nWhat is H2O?<|im_end|>\n<|im_start|>assistant\n")
-    assert gate_text(chatml) == "What is H2O?"
-    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "hi"},
-                                                                            {"type": "image_url", "image_url": {}}]}]
-    assert gate_text(msgs) == "hi"
-    assert gate_text("plain prompt ") == "plain prompt"
-    assert gate_text("x" * 50, max_chars=16) == "x" * 16
+def test_every_turn_of_a_chat_is_scored_and_the_maximum_taken():
+    """A forget question in an earlier turn, a system message or an assistant prefill counts as much as in the
+    last user turn."""
+    gate = Gate(lambda t: np.array([[0.95 if "H2O" in x else 0.1 for x in t]]), ["chem"],
+                GateConfig(policy=GatePolicy(kind="threshold")))
+    chatml = ("<|im_start|>system\nWhat is H2O?<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n"
+              "<|im_start|>assistant\n")
+    chats = [
+        [{"role": "user", "content": "What is H2O?"}, {"role": "assistant", "content": "ok"},
+         {"role": "user", "content": "thanks"}],
+        [{"role": "system", "content": "What is H2O?"}, {"role": "user", "content": "hi"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "output_text",
+                                                                                 "text": "What is H2O?"}]}],
+        [{"role": "user", "content": ["hi", {"type": "input_text", "text": "What is H2O?"}]}],
+    ]
+    decisions = gate.decide([chatml, *chats, [{"role": "user", "content": "hi"}], "plain prompt"])
+    assert [d.scale for d in decisions] == [1.0] * 5 + [0.0, 0.0]
+
+
+def test_a_question_after_long_padding_is_still_found():
+    gate = Gate(lambda t: np.array([[0.95 if "H2O" in x else 0.1 for x in t]]), ["chem"],
+                GateConfig(policy=GatePolicy(kind="threshold"), window_chars=256))
+    padding = " ".join(f"Sentence {i} of some filler text, consectetur adipiscing elit." for i in range(200))
+    for prompt in (padding + "What is H2O?", "What is H2O? " + padding, padding + "What is H2O? " + padding,
+                   padding.replace(" ", "") + "WhatisH2O?"):
+        (d,) = gate.decide([prompt])
+        assert d.scale == 1.0 and d.windows > 10
+
+
+def test_too_many_windows_fail_closed_as_a_whole():
+    gate = Gate(lambda t: np.zeros((1, len(t))), ["r"], GateConfig(window_chars=32, max_windows=4))
+    (d,) = gate.decide([" ".join(f"word{i}" for i in range(200))])
+    assert d.scale == 1.0 and "max_windows" in d.error
+
+
+def test_repeated_windows_are_scored_once():
+    seen = []
+
+    def scorer(texts):
+        seen.extend(texts)
+        return np.zeros((1, len(texts)))
+
+    gate = Gate(scorer, ["r"])
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    gate.decide([[system, {"role": "user", "content": "first"}]])
+    gate.decide([[system, {"role": "user", "content": "second"}]])
+    assert seen == ["You are a helpful assistant.", "first", "second"]
+
+
+def test_a_long_list_does_not_push_a_short_request_past_its_deadline():
+    """Round robin: a one-prompt caller arriving behind a 400-prompt caller is scored in the next pass."""
+    def scorer(texts):
+        time.sleep(0.02)
+        return np.zeros((1, len(texts)))
+
+    gate = Gate(scorer, ["r"], GateConfig(batch_size=8, timeout_s=0.5))
+    long = threading.Thread(target=gate.decide, args=([f"long {i}" for i in range(400)],))
+    long.start()
+    time.sleep(0.05)
+    (d,) = gate.decide(["short one"])
+    long.join()
+    assert d.error is None and d.scale == 0.0
+
+
+def test_a_caller_past_its_deadline_stops_its_detector_work():
+    scored = []
+
+    def scorer(texts):
+        scored.extend(texts)
+        time.sleep(0.05)
+        return np.zeros((1, len(texts)))
+
+    gate = Gate(scorer, ["r"], GateConfig(batch_size=4, timeout_s=0.1))
+    (d,) = gate.decide([[{"role": "user", "content": f"text {i}"} for i in range(200)]])
+    assert "timed out" in d.error and d.scale == 1.0
+    time.sleep(0.3)
+    assert len(scored) < 40  # the 200 windows were not all scored after the caller gave up
 
 
 @pytest.mark.parametrize("bad", [42, None, [1, 2], [], {"role": "user"}])

@@ -1,7 +1,8 @@
 """The O3 gate: how strongly a prompt gets the unlearning LoRA.
 
-For each prompt, every forget request's detector gives a calibrated weight w_t in (0, 1); the gate takes
-w = max_t w_t (O3's rule) and maps it to the LoRA scale with a monotone policy. Scoring is batched. On a detector
+For each prompt, every forget request's detector gives a calibrated weight w_t in (0, 1) to every window of the
+prompt's text (``gate_text``: all of it, normalised); the gate takes w = max over requests and windows (O3's rule)
+and maps it to the LoRA scale with a monotone policy. Scoring is batched. On a detector
 error or timeout the gate fails *closed* by default (the prompt gets the full unlearning scale: forgetting is the
 promise being kept), or open (scale 0) when configured; every decision is logged and counted.
 """
@@ -10,22 +11,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import re
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from ..errors import GateInputError
 from ..patches.config import _Strict
+from .gate_text import Prompt, prompt_segments, score_windows
 
 logger = logging.getLogger("serve_unlearn.gate")
 
-Prompt = str | Sequence[dict[str, Any]]
 # scorer(texts) -> (T, n) calibrated weights, one row per forget request
 Scorer = Callable[[list[str]], np.ndarray]
 
@@ -65,65 +65,45 @@ class GatePolicy(_Strict):
 class GateConfig(_Strict):
     policy: GatePolicy = GatePolicy()
     fail_closed: bool = True
-    timeout_s: float | None = Field(10.0, gt=0)
-    batch_size: int = Field(32, ge=1)
-    max_chars: int = Field(2000, ge=16)  # longer prompts are scored on their last max_chars characters
+    timeout_s: float | None = Field(10.0, gt=0)   # a prompt not scored by then fails closed (its work is dropped)
+    batch_size: int = Field(32, ge=1)             # windows per detector pass, shared fairly by waiting callers
+    # segments longer than this are scored in windows of whole sentences of at most this many characters
+    window_chars: int = Field(256, ge=32, le=4096)
+    # a prompt with more windows than this is not scored: it fails closed (or open) as a whole
+    max_windows: int = Field(512, ge=1)
+    cache_size: int = Field(4096, ge=0)           # scored windows remembered (system prompts repeat)
 
 
 @dataclass(frozen=True)
 class GateDecision:
-    weight: float                 # max over requests of the calibrated weight (nan when scoring failed)
+    weight: float                 # max over requests and windows of the calibrated weight (nan when scoring failed)
     scale: float                  # LoRA scale to apply; 0 = the base model
     request: str | None           # the request with the largest weight
     weights: dict[str, float] = field(default_factory=dict)
     error: str | None = None      # why the gate failed closed/open for this prompt
+    windows: int = 0              # texts scored for this prompt
 
 
-# Chat markup of common templates: the detectors are trained on bare questions, so score the last user turn.
-_USER_TURNS = (
-    re.compile(r"<\|im_start\|>user\s*\n(.*?)<\|im_end\|>", re.DOTALL),                       # ChatML (SmolLM2, Qwen)
-    re.compile(r"<\|start_header_id\|>user<\|end_header_id\|>\s*(.*?)<\|eot_id\|>", re.DOTALL),  # Llama 3
-    re.compile(r"\[INST\](.*?)\[/INST\]", re.DOTALL),                                           # Llama 2 / Mistral
-)
+class _Job:
+    """One caller's windows in the scoring queue; ``done`` counts the windows scored so far."""
 
+    __slots__ = ("texts", "weights", "done", "future")
 
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    if content is None:
-        return ""
-    raise GateInputError(f"message content must be a string or a list of content parts, got {type(content).__name__}")
-
-
-def gate_text(prompt: Prompt, max_chars: int = 2000) -> str:
-    """The text a detector scores for one prompt: a chat's last user turn, or a raw prompt (its last user turn
-    when it holds rendered chat markup). Anything else raises GateInputError."""
-    if isinstance(prompt, str):
-        text = prompt
-        for pattern in _USER_TURNS:
-            turns = pattern.findall(prompt)
-            if turns:
-                text = turns[-1]
-                break
-    elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
-        users = [m for m in prompt if m.get("role") == "user"]
-        text = _content_text((users or list(prompt))[-1].get("content"))
-    else:
-        raise GateInputError(
-            f"a prompt must be a string or a non-empty list of chat messages ({{'role', 'content'}} dicts); "
-            f"got {type(prompt).__name__}")
-    return text.strip()[-max_chars:]
+    def __init__(self, texts: list[str], n_requests: int):
+        self.texts = texts
+        self.weights = np.empty((n_requests, len(texts)))
+        self.done = 0
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
 
 
 class Gate:
     """Decides per prompt, in batches, with fail-closed error handling, logging and counters.
 
-    Concurrent callers (a server's request threads) are batched together: one worker scores everything queued
-    since its last call in one pass, so under load the detector runs at its batched cost per prompt (a third of
-    the single-prompt cost on MiniLM at 8 prompts) instead of one queued pass per request, and an idle gate adds
-    no waiting at all.
+    Concurrent callers (a server's request threads) share the detector: one worker scores batches taken from every
+    waiting caller in turn (round robin, ``batch_size`` windows per pass), so a caller with a long list of prompts
+    cannot hold a one-prompt caller past its deadline, and a caller whose deadline passed is dropped from the queue
+    (its remaining windows are never scored). An idle gate adds no waiting. Windows seen before are answered from
+    a cache (the gate of one published version never changes its answers).
     """
 
     def __init__(self, scorer: Scorer, request_names: Sequence[str], config: GateConfig | None = None):
@@ -133,8 +113,9 @@ class Gate:
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="o3-gate")
-        self._queue: list[tuple[list[str], concurrent.futures.Future]] = []
+        self._jobs: list[_Job] = []
         self._draining = False
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -151,73 +132,135 @@ class Gate:
                      n, reason)
         return [GateDecision(weight=float("nan"), scale=scale, request=None, error=reason) for _ in range(n)]
 
-    def _submit(self, texts: list[str]) -> concurrent.futures.Future:
-        """Queue ``texts`` for the worker; the future gets their (requests, len(texts)) weights."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
+    # -- the scoring queue ------------------------------------------------------------------------------------
+    def _submit(self, texts: list[str]) -> _Job:
+        job = _Job(texts, len(self.request_names))
         with self._lock:
-            self._queue.append((texts, future))
+            self._jobs.append(job)
             start = not self._draining
             self._draining = True
         if start:
             self._pool.submit(self._drain)
-        return future
+        return job
+
+    def _next_batch(self) -> list[tuple[_Job, int, int]]:
+        """Up to ``batch_size`` windows, taken in turn from every live job (called with the lock held)."""
+        self._jobs = [j for j in self._jobs if not j.future.done()]  # done = cancelled by a caller past its deadline
+        batch, room, jobs = [], self.config.batch_size, list(self._jobs)
+        while room and jobs:
+            share = max(1, room // len(jobs))
+            for job in list(jobs):
+                taken = sum(n for j, _, n in batch if j is job)
+                start = job.done + taken
+                n = min(share, room, len(job.texts) - start)
+                if n <= 0:
+                    jobs.remove(job)
+                    continue
+                batch.append((job, start, n))
+                room -= n
+                if start + n == len(job.texts):
+                    jobs.remove(job)
+                if not room:
+                    break
+        return batch
 
     def _drain(self) -> None:
-        """Score everything queued, in one pass per round, until the queue is empty."""
         while True:
             with self._lock:
-                batch, self._queue = self._queue, []
+                batch = self._next_batch()
                 if not batch:
                     self._draining = False
                     return
+            texts = [t for job, start, n in batch for t in job.texts[start:start + n]]
             try:
-                w = self._score([t for texts, _ in batch for t in texts])
-            except Exception as exc:  # noqa: BLE001 - handed to every caller of this round
-                for _, future in batch:
-                    future.set_exception(exc)
+                w = self._score(texts)
+            except Exception as exc:  # noqa: BLE001 - handed to every caller in this pass
+                for job, _, _ in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
                 continue
-            start = 0
-            for texts, future in batch:
-                future.set_result(w[:, start:start + len(texts)])
-                start += len(texts)
+            offset = 0
+            for job, start, n in batch:
+                job.weights[:, start:start + n] = w[:, offset:offset + n]
+                offset += n
+                job.done = max(job.done, start + n)
+                if job.done == len(job.texts) and not job.future.done():
+                    job.future.set_result(job.weights)
 
     def _score(self, texts: list[str]) -> np.ndarray:
-        bs = self.config.batch_size
-        parts = [np.asarray(self.scorer(texts[i:i + bs]), dtype=np.float64) for i in range(0, len(texts), bs)]
-        w = np.concatenate(parts, axis=1) if parts else np.zeros((len(self.request_names), 0))
+        w = np.asarray(self.scorer(texts), dtype=np.float64)
         if w.shape != (len(self.request_names), len(texts)) or not np.all(np.isfinite(w)):
             raise RuntimeError(f"scorer returned shape {w.shape} (or non-finite values); expected "
                                f"{(len(self.request_names), len(texts))}")
         return w
 
+    def _weights(self, texts: list[str]) -> np.ndarray:
+        """(requests, len(texts)) weights: cached ones at once, the rest through the queue within the timeout."""
+        out = np.empty((len(self.request_names), len(texts)))
+        missing: dict[str, list[int]] = {}
+        with self._lock:
+            for i, t in enumerate(texts):
+                hit = self._cache.get(t)
+                if hit is None:
+                    missing.setdefault(t, []).append(i)
+                else:
+                    self._cache.move_to_end(t)
+                    out[:, i] = hit
+        if missing:
+            job = self._submit(list(missing))
+            try:
+                w = job.future.result(timeout=self.config.timeout_s)
+            except concurrent.futures.TimeoutError:
+                job.future.cancel()  # the worker drops what is left of it
+                raise
+            with self._lock:
+                for j, (t, idx) in enumerate(missing.items()):
+                    out[:, idx] = w[:, j:j + 1]
+                    if self.config.cache_size:
+                        self._cache[t] = w[:, j].copy()
+                while len(self._cache) > self.config.cache_size:
+                    self._cache.popitem(last=False)
+        return out
+
     def decide(self, prompts: Sequence[Prompt]) -> list[GateDecision]:
-        """One decision per prompt. A prompt that is not text raises GateInputError (a caller's error, not a
-        detector failure); scoring errors and timeouts fail closed/open as configured."""
+        """One decision per prompt, the maximum over its windows. A prompt that is not text raises GateInputError
+        (a caller's error, not a detector failure); scoring errors, timeouts and prompts with more than
+        ``max_windows`` windows fail closed/open as configured."""
         if isinstance(prompts, str | dict):
             raise GateInputError("decide() takes a list of prompts; wrap a single prompt in a list")
-        texts = [gate_text(p, self.config.max_chars) for p in prompts]
-        if not texts:
+        per_prompt = [score_windows(prompt_segments(p), self.config.window_chars) for p in prompts]
+        if not per_prompt:
             return []
         if not self.request_names:
-            self._count(decisions=len(texts), base=len(texts))
-            return [GateDecision(weight=0.0, scale=0.0, request=None) for _ in texts]
-        future = self._submit(texts)
+            self._count(decisions=len(per_prompt), base=len(per_prompt))
+            return [GateDecision(weight=0.0, scale=0.0, request=None, windows=len(w)) for w in per_prompt]
+        too_long = [len(w) > self.config.max_windows for w in per_prompt]
+        texts = [t for w, long in zip(per_prompt, too_long) if not long for t in w]
         try:
-            w = future.result(timeout=self.config.timeout_s)
+            w = self._weights(texts) if texts else np.zeros((len(self.request_names), 0))
         except concurrent.futures.TimeoutError:
-            self._count(timeouts=len(texts))
-            return self.fail(len(texts), f"detector timed out after {self.config.timeout_s}s")
+            self._count(timeouts=len(per_prompt))
+            return self.fail(len(per_prompt), f"detector timed out after {self.config.timeout_s}s")
         except Exception as exc:  # noqa: BLE001 - any detector failure must fail closed, not crash serving
-            return self.fail(len(texts), f"detector raised {type(exc).__name__}: {exc}")
-        best = w.max(axis=0)
-        arg = w.argmax(axis=0)
-        scales = self.config.policy.scale(best)
-        decisions = []
-        for j in range(len(texts)):
-            d = GateDecision(weight=float(best[j]), scale=float(scales[j]), request=self.request_names[arg[j]],
-                             weights={n: float(w[t, j]) for t, n in enumerate(self.request_names)})
-            decisions.append(d)
-            logger.info("gate w=%.4f scale=%.3f request=%s", d.weight, d.scale, d.request)
-        applied = int(np.count_nonzero(scales))
-        self._count(decisions=len(texts), applied=applied, base=len(texts) - applied)
+            return self.fail(len(per_prompt), f"detector raised {type(exc).__name__}: {exc}")
+        decisions, start, applied = [], 0, 0
+        for wins, long in zip(per_prompt, too_long):
+            if long:
+                decisions += self.fail(1, f"{len(wins)} windows to score, more than max_windows="
+                                          f"{self.config.max_windows}")
+                continue
+            # an empty prompt (no text at all) reads as nothing the detectors know
+            per_request = w[:, start:start + len(wins)].max(axis=1) if wins else np.zeros(len(self.request_names))
+            start += len(wins)
+            best = int(per_request.argmax())
+            weight = float(per_request[best])
+            scale = float(self.config.policy.scale(weight))
+            applied += scale > 0
+            decisions.append(GateDecision(weight=weight, scale=scale, request=self.request_names[best],
+                                          weights={n: float(per_request[t]) for t, n in enumerate(self.request_names)},
+                                          windows=len(wins)))
+            logger.info("gate w=%.4f scale=%.3f request=%s windows=%d", weight, scale, self.request_names[best],
+                        len(wins))
+        scored = sum(not long for long in too_long)
+        self._count(decisions=scored, applied=applied, base=scored - applied)
         return decisions
