@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from asgi_echo import body_of, call, echo_app
 
 from serve_unlearn.adapters.gate import Gate, GateConfig, GatePolicy
 from serve_unlearn.adapters.registry import ForgetRegistry
@@ -17,37 +18,8 @@ from serve_unlearn.serving.vllm.middleware import O3Middleware
 from serve_unlearn.serving.vllm.routing import Routing
 
 SCALES = (0.25, 0.5, 0.75, 1.0)
+ADMIN = [(b"x-serve-unlearn-admin", b"s3cret")]
 BANK = AdapterBank(3, SCALES, tuple(bank_name(3, s) for s in SCALES), tuple(f"/bank/{s}" for s in SCALES), 8)
-
-
-async def echo_app(scope, receive, send):
-    """Answers with the body it received, in two chunks (a stand-in for a streamed vLLM response)."""
-    body, more = b"", True
-    while more:
-        msg = await receive()
-        body += msg.get("body", b"")
-        more = msg.get("more_body", False)
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
-    await send({"type": "http.response.body", "body": body[len(body) // 2:], "more_body": False})
-
-
-def call(app, path, body, method="POST", headers=()):
-    chunks = [body[:7], body[7:]] if isinstance(body, bytes) else [body]
-    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
-    sent = []
-
-    async def receive():
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {"type": "http", "method": method, "path": path,
-             "headers": [(b"content-length", str(len(body)).encode()), *headers]}
-    asyncio.run(app(scope, receive, send))
-    start = sent[0]
-    return start["status"], dict(start["headers"]), [m.get("body", b"") for m in sent[1:]]
 
 
 def scorer(texts):
@@ -58,15 +30,8 @@ def scorer(texts):
 def middleware(tmp_path, monkeypatch):
     monkeypatch.setenv("SERVE_UNLEARN_ADMIN_TOKEN", "s3cret")
     cfg = VllmServeConfig(gate=GateConfig(policy=GatePolicy(kind="ramp", low=0.3, high=0.6)))
-    mw = O3Middleware(echo_app, registry=ForgetRegistry(tmp_path / "reg"), config=cfg)
-    mw.routing = Routing(BANK, Gate(scorer, ["chem"], cfg.gate))
-    mw.config = mw.config.model_copy(update={"poll_interval_s": 3600})  # keep the routing set above
-    mw._next_poll = float("inf")
-    return mw
-
-
-def body_of(chunks):
-    return json.loads(b"".join(chunks))
+    return O3Middleware(echo_app, registry=ForgetRegistry(tmp_path / "reg"), config=cfg,
+                        routing=Routing(BANK, Gate(scorer, ["chem"], cfg.gate)))
 
 
 def test_forget_prompt_is_routed_to_the_full_scale_adapter(middleware):
@@ -104,25 +69,34 @@ def test_naming_an_adapter_directly_needs_the_admin_token(middleware):
     assert status == 403
 
 
-@pytest.mark.parametrize("raw", [b"not json{", b"[1, 2]", json.dumps({"model": "base", "prompt": 42}).encode()])
-def test_bad_bodies_reach_the_app_untouched(middleware, raw):
+@pytest.mark.parametrize("raw", [b"not json{", b"[1, 2]", b'{"prompt": "\xff\xfe"}', b"[" * 100_000 + b"]" * 100_000])
+def test_bodies_that_are_not_json_objects_get_400_here(middleware, raw):
     status, headers, chunks = call(middleware, "/v1/completions", raw)
-    assert status == 200 and b"".join(chunks) == raw and b"x-serve-unlearn-weight" not in headers
+    assert status == 400 and "JSON" in body_of(chunks)["error"]["message"]
+    assert b"x-serve-unlearn-weight" not in headers
 
 
-def test_token_id_prompts_fail_closed(middleware):
-    _, _headers, chunks = call(middleware, "/v1/completions", json.dumps({"model": "base", "prompt": [1, 2]}).encode())
+def test_a_prompt_of_the_wrong_type_fails_closed_and_vllm_answers_it(middleware):
+    """The gate cannot read it; it goes to the adapter, where vLLM's own validation gives the client its 400."""
+    _, headers, chunks = call(middleware, "/v1/completions", json.dumps({"model": "base", "prompt": 42}).encode())
+    assert body_of(chunks)["model"] == bank_name(3, 1.0) and headers[b"x-serve-unlearn-adapter"] != b"base"
+
+
+@pytest.mark.parametrize("body", [{"prompt": [1, 2]}, {"prompt": [[1, 2], [3]]}, {"prompt_embeds": "AAAA"},
+                                  {"input": "hi", "previous_response_id": "resp_1"}, {"prompt": ""}])
+def test_prompts_the_gate_cannot_read_fail_closed(middleware, body):
+    _, _headers, chunks = call(middleware, "/v1/completions", json.dumps({"model": "base", **body}).encode())
     assert body_of(chunks)["model"] == bank_name(3, 1.0)
     assert middleware.routing.gate.counters["failed_closed"] == 1
 
 
 def test_other_paths_and_status(middleware):
-    status, _, chunks = call(middleware, "/v1/models", b"", method="GET")
+    status, _, chunks = call(middleware, "/health", b"", method="GET")
     assert status == 200 and chunks == [b"", b""]
     call(middleware, "/v1/completions", json.dumps({"model": "base", "prompt": "chemistry"}).encode())
-    status, _, chunks = call(middleware, "/serve-unlearn/status", b"", method="GET")
+    status, _, chunks = call(middleware, "/serve-unlearn/status", b"", method="GET", headers=ADMIN)
     s = body_of(chunks)
-    assert s["version"] == 3 and s["counters"]["routed_adapter"] == 1 and s["inflight"] == {}
+    assert s["version"] == 3 and s["gate"]["applied"] == 1 and s["inflight"] == {}
 
 
 def test_missing_registry_answers_503_without_crashing(tmp_path, monkeypatch):
@@ -144,7 +118,8 @@ def test_empty_registry_routes_everything_to_the_base_model(tmp_path):
     assert body_of(chunks)["model"] == "base" and headers[b"x-serve-unlearn-scale"] == b"0.0000"
 
 
-def test_a_published_version_is_picked_up_by_status_polls(tmp_path):
+def test_a_published_version_is_picked_up_by_status_polls(tmp_path, monkeypatch):
+    monkeypatch.setenv("SERVE_UNLEARN_ADMIN_TOKEN", "s3cret")
     from serve_unlearn.serving.vllm.routing import publish
 
     registry = ForgetRegistry(tmp_path / "reg")
@@ -159,7 +134,7 @@ def test_a_published_version_is_picked_up_by_status_polls(tmp_path):
             async def send(m, sent=sent):
                 sent.append(m)
 
-            await mw({"type": "http", "method": "GET", "path": "/serve-unlearn/status", "headers": []},
+            await mw({"type": "http", "method": "GET", "path": "/serve-unlearn/status", "headers": ADMIN},
                      None, send)
             if json.loads(sent[1]["body"])["version"] == BANK.version:
                 return True
@@ -167,4 +142,4 @@ def test_a_published_version_is_picked_up_by_status_polls(tmp_path):
         return False
 
     assert asyncio.run(poll_until_switched())
-    assert mw.counters["reloads"] == 1
+    assert mw.routing.version == BANK.version

@@ -93,12 +93,12 @@ def text_leaves(value: Any) -> Iterator[str]:
 
 
 def prompt_segments(prompt: Prompt) -> list[str]:
-    """The segments of one prompt: a raw string (cut at chat markup), a chat (every string of every message), or
+    """The segments of one prompt: a raw string, a chat (every string of every message), or
     ``Segments`` as given. Anything else raises GateInputError."""
     if isinstance(prompt, Segments):
         return list(prompt)
     if isinstance(prompt, str):
-        return split_markup(prompt)
+        return [prompt]
     if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
         return [t for m in prompt for t in text_leaves(m)]
     raise GateInputError(
@@ -154,9 +154,11 @@ def _word_chunks(sentence: str, size: int) -> list[str]:
 
 
 def score_windows(segments: Iterable[str], size: int) -> list[str]:
-    """The distinct normalised windows of a prompt's segments, in first-seen order."""
+    """The distinct normalised windows of a prompt's segments (each cut at chat markup first), in first-seen
+    order."""
     seen: dict[str, None] = {}
     for segment in segments:
-        for window in windows(normalize(segment), size):
-            seen.setdefault(window, None)
+        for piece in split_markup(segment):
+            for window in windows(normalize(piece), size):
+                seen.setdefault(window, None)
     return list(seen)

@@ -9,9 +9,9 @@ from pydantic import Field, model_validator
 
 from ...adapters.gate import GateConfig
 from ...patches.config import _Strict
+from .audit import AuditConfig
+from .contract import ADMIN_TOKEN_ENV
 
-CONFIG_ENV = "SERVE_UNLEARN_CONFIG"
-REGISTRY_ENV = "SERVE_UNLEARN_REGISTRY"
 
 
 class BankConfig(_Strict):
@@ -33,7 +33,16 @@ class VllmServeConfig(_Strict):
     bank: BankConfig = Field(default_factory=BankConfig)
     # the names clients use for the base model; default: what vLLM serves (--served-model-name, else the path)
     served_model_name: str | None = None
-    admin_token_env: str = "SERVE_UNLEARN_ADMIN_TOKEN"  # clients naming an o3-* adapter must send this token
+    # the admin token's variable: adapter/engine management, the status page, naming an o3-* adapter and seeing
+    # them in /v1/models need it; unset or empty: nobody is admin
+    admin_token_env: str = ADMIN_TOKEN_ENV
+    # a gated request's body beyond this is answered 413 before it is buffered further
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # routes the gate does not know (a POST route of a newer vLLM or an endpoint plugin) are refused (403) unless
+    # named here (their templates, e.g. /v1/my_route), open to everyone or to admins only
+    open_routes: list[str] = Field(default_factory=list)
+    admin_routes: list[str] = Field(default_factory=list)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     poll_interval_s: float = Field(1.0, ge=0)          # how often the middleware checks for a new version
     # torch threads of the detectors in each API-server process: 1 keeps them from spinning on the cores the
     # engine's threads need (null: torch's default, every core)

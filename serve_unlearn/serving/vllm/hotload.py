@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +22,7 @@ from ...errors import ServerError
 from .bank import AdapterBank, build_bank
 from .config import VllmServeConfig
 from .launcher import bank_dir
-from .middleware import STATUS_PATH
+from .contract import ADMIN_HEADER, ADMIN_TOKEN_ENV, STATUS_PATH
 from .routing import publish, published_bank
 
 logger = logging.getLogger(__name__)
@@ -38,10 +39,14 @@ class HotLoadReport:
 
 def _call(url: str, method: str = "GET", payload: dict | None = None, api_key: str | None = None,
           timeout: float = 60.0) -> tuple[int, str]:
+    """One request to the server, with vLLM's API key (when set) and the serve-unlearn admin token."""
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
     if api_key:
         req.add_header("authorization", f"Bearer {api_key}")
+    token = os.environ.get(ADMIN_TOKEN_ENV)
+    if token:
+        req.add_header(ADMIN_HEADER, token)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read().decode()
@@ -72,7 +77,8 @@ def load_into_server(registry: ForgetRegistry, server: str, config: VllmServeCon
                              {"lora_name": name, "lora_path": str(path)}, api_key)
         if status != 200:
             _unload(server, loaded, api_key)
-            hint = (" Start vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (serve-unlearn vllm does) and "
+            hint = (f" Set ${ADMIN_TOKEN_ENV} here to the server's admin token." if status in (401, 403) else
+                    " Start vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (serve-unlearn vllm does) and "
                     "--enable-lora with --max-lora-rank >= the adapter's rank.")
             raise ServerError(f"the server refused to load adapter {name!r} (HTTP {status}: {text.strip()[:300]})."
                               + hint)
@@ -97,6 +103,9 @@ def _wait_for_switch(server: str, bank: AdapterBank, old: AdapterBank | None, ap
             drained = old is None or not s.get("inflight", {}).get(str(old.version))
             if s.get("version") == bank.version and drained:
                 return
+        elif status in (401, 403):
+            raise ServerError(f"{server} refused the status page (HTTP {status}); set ${ADMIN_TOKEN_ENV} here to "
+                              "the server's admin token")
         elif status == 404:
             raise ServerError(f"{server} has no serve-unlearn middleware ({STATUS_PATH} is 404); launch it with "
                               "`serve-unlearn vllm` or --middleware serve_unlearn.serving.vllm.O3Middleware")

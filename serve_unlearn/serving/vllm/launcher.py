@@ -12,6 +12,7 @@ one are both resident while a hot load switches over).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import sys
@@ -21,11 +22,12 @@ from pathlib import Path
 from ...adapters.registry import DATABASE_ENV, ForgetRegistry
 from ...adapters.served import served_adapter
 from .bank import AdapterBank, build_bank, max_lora_rank
-from .config import CONFIG_ENV, REGISTRY_ENV, VllmServeConfig
+from .config import VllmServeConfig
+from .contract import CONFIG_ENV, LOAD_FORMAT, MIDDLEWARE, REGISTRY_ENV
 from .routing import publish
 
-MIDDLEWARE = "serve_unlearn.serving.vllm.O3Middleware"
-LOAD_FORMAT = "serve_unlearn"
+logger = logging.getLogger(__name__)
+
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,14 @@ def launch(model: str, registry_root: str, config_path: str | None = None, *, ex
            dry_run: bool = False) -> int:
     """Print the command (``dry_run``) or publish the bank and replace this process with vLLM."""
     config = VllmServeConfig.load(config_path)
-    registry = ForgetRegistry(registry_root, database=config.registry_database)
+    root = Path(registry_root)
+    # a new deployment gets an empty registry; a folder that holds anything but no database is damage, not new
+    fresh = not root.exists() or not any(root.iterdir())
+    registry = ForgetRegistry(root, create=fresh, database=config.registry_database)
+    if not os.environ.get(config.admin_token_env):
+        logger.warning("$%s is not set: nobody is admin on this server, so forget requests cannot be hot-loaded "
+                       "and the status page is closed; set it to a secret to manage the server",
+                       config.admin_token_env)
     p = plan(model, registry, config, config_path=config_path, extra_args=list(extra_args), write=not dry_run)
     print(p.shell(), flush=True)
     if dry_run:

@@ -1,22 +1,19 @@
-"""``vllm serve --middleware serve_unlearn.serving.vllm.O3Middleware``: route each request by the O3 gate.
+"""``vllm serve --middleware serve_unlearn.serving.vllm.O3Middleware``: every route gated, managed or refused.
 
-Pure ASGI (no ``BaseHTTPMiddleware``), so streamed responses stream. For ``POST /v1/completions``,
-``/v1/chat/completions`` and ``/v1/responses`` it reads the JSON body, scores the prompt(s) or messages with the
-gate (in a worker thread, off the event loop), and rewrites ``model`` to the bank adapter for the applied scale, or
-leaves the base model. Responses carry ``x-serve-unlearn-weight`` (the gate weight), ``-scale`` and ``-adapter``.
+Pure ASGI (no ``BaseHTTPMiddleware``), so streamed responses stream. The running app's routes are put in classes
+(``routes``): a *gated* route's JSON body is read whole (bounded), every text the model will read is scored by the
+gate (off the event loop), and ``model`` is rewritten to the bank adapter for the applied scale, or left on the
+base model; responses carry ``x-serve-unlearn-weight``, ``-scale``, ``-adapter`` and ``-generation``. *Admin*
+routes (adapter and engine management, the status page) need the admin token; unknown routes that take a body
+are refused. Every decision is counted in vLLM's ``/metrics`` and written to the audit log.
 
-- A body that is not a JSON object goes through untouched: vLLM's own validation answers it.
-- A client that names an ``o3-*`` adapter itself gets 403 unless it sends the admin token
-  (``Authorization: Bearer`` or ``x-serve-unlearn-admin``; the token is read from ``$SERVE_UNLEARN_ADMIN_TOKEN``).
-- A list of prompts is routed at the largest scale among them (one request runs on one adapter).
-- Token-id prompts cannot be scored: they fail closed (or open), like a detector error.
-- If the registry is missing or corrupt, gated requests get 503 when failing closed (never the un-gated model),
-  or go to the base model when failing open; the error is logged and shown at ``GET /serve-unlearn/status``.
-- A new published version (see ``routing``) is loaded in the background; requests keep the routing they started
-  with, and the switch is one reference assignment.
+Faults fail closed: a body the gate cannot read (token ids, embeddings, a stored earlier response) or a detector
+error or timeout routes to the full-scale adapter; without a usable registry gated requests get 503 (the process
+keeps retrying, and never creates a registry); a newly published version that fails to load is not routed (the
+previous one stays); malformed bodies get 4xx from here, never 5xx.
 
 Settings: ``$SERVE_UNLEARN_REGISTRY`` (the registry folder, required) and ``$SERVE_UNLEARN_CONFIG`` (a YAML
-``VllmServeConfig``, optional).
+``VllmServeConfig``, optional); tests pass ``registry``, ``config`` and ``routing`` directly.
 """
 
 from __future__ import annotations
@@ -28,231 +25,264 @@ import logging
 import math
 import os
 import time
-from collections import Counter
-from typing import Any
+import uuid
 
 from ...adapters.gate import GateDecision
 from ...adapters.registry import ForgetRegistry
-from ...errors import GateInputError
+from . import metrics
+from .asgi import BodyTooLarge, error_body, header, read_body, replay, respond_json, route_path, with_body
+from .audit import AuditLog
 from .bank import NAME_PREFIX
-from .config import CONFIG_ENV, REGISTRY_ENV, VllmServeConfig
+from .config import VllmServeConfig
+from .contract import ADMIN_HEADER, CONFIG_ENV, REGISTRY_ENV, STATUS_PATH
+from .request_text import Unscorable, request_segments
+from .routes import RouteClass, RouteTable
 from .routing import Routing, load_routing, published_bank
 
 logger = logging.getLogger("serve_unlearn.middleware")
-GATED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
-STATUS_PATH = "/serve-unlearn/status"
-
-
-class _Unscorable(Exception):
-    """The request is valid for vLLM but holds no text to score (token ids)."""
-
-
-def request_prompts(path: str, data: dict[str, Any]) -> list[Any]:
-    """The prompts of one request, as the gate takes them (strings or chat message lists)."""
-    if path == "/v1/chat/completions":
-        messages = data.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise GateInputError("'messages' must be a non-empty list")
-        return [messages]
-    if path == "/v1/responses":
-        inp = data.get("input")
-        if isinstance(inp, str):
-            return [inp]
-        if isinstance(inp, list) and inp and all(isinstance(m, dict) for m in inp):
-            return [[m for m in inp if "role" in m] or inp]
-        raise GateInputError("'input' must be a string or a list of messages")
-    prompt = data.get("prompt")
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
-        if all(isinstance(p, int) for p in prompt) or all(isinstance(p, list) for p in prompt):
-            raise _Unscorable("token-id prompts cannot be scored")
-    raise GateInputError("'prompt' must be a string or a list of strings")
-
-
-def _header(scope, name: bytes) -> str | None:
-    for k, v in scope.get("headers", []):
-        if k.lower() == name:
-            return v.decode("latin-1")
-    return None
-
-
-async def _read_body(receive) -> bytes:
-    chunks, more = [], True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive):
-    """A ``receive`` that hands the buffered body over once, then defers to the client connection."""
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-async def _respond_json(send, status: int, payload: dict) -> None:
-    body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-def _error(status: int, message: str, kind: str) -> dict:
-    return {"error": {"message": message, "type": kind, "code": status}}
+# SageMaker's routes copy an adapter name from these headers into the body after this middleware has routed it
+_ADAPTER_HEADERS = (b"x-amzn-sagemaker-adapter",)
 
 
 class O3Middleware:
-    def __init__(self, app, registry: ForgetRegistry | None = None, config: VllmServeConfig | None = None):
+    def __init__(self, app, registry: ForgetRegistry | None = None, config: VllmServeConfig | None = None,
+                 routing: Routing | None = None):
         self.app = app
         self.config = config or VllmServeConfig.load(os.environ.get(CONFIG_ENV))
-        self.admin_token = os.environ.get(self.config.admin_token_env) or None
-        self.counters: Counter[str] = Counter()
-        self.inflight: Counter[int | None] = Counter()
+        token = os.environ.get(self.config.admin_token_env) or ""
+        self.admin_token = token.encode() if token else None
         self.registry = registry
-        self.routing: Routing | None = None
+        self.routing = routing
         self.error: str | None = None
-        self._next_poll = 0.0
-        self._reloading = False
+        self.alert: str | None = None  # the last published version that could not be loaded
+        self.table: RouteTable | None = None
+        self._inflight: dict[int | None, int] = {}
+        self.audit = AuditLog(self.config.audit)
+        self._next_poll = 0.0 if routing is None else math.inf  # a routing given by the caller is kept
+        self._reload_task: asyncio.Task | None = None
         if self.config.gate_threads:
             import torch
 
             torch.set_num_threads(self.config.gate_threads)
+        if routing is None:
+            self._load_initial()
+        self._publish_state()
+
+    # -- registry and version switching -----------------------------------------------------------------------
+    def _open_registry(self) -> ForgetRegistry:
+        if self.registry is None:
+            root = os.environ.get(REGISTRY_ENV)
+            if not root:
+                raise ValueError(f"set {REGISTRY_ENV} to the forget-request registry folder")
+            self.registry = ForgetRegistry(root, create=False, database=self.config.registry_database)
+        return self.registry
+
+    def _load_initial(self) -> None:
         try:
-            if self.registry is None:
-                root = os.environ.get(REGISTRY_ENV)
-                if not root:
-                    raise ValueError(f"set {REGISTRY_ENV} to the forget-request registry folder")
-                self.registry = ForgetRegistry(root, create=False, database=self.config.registry_database)
-            self.routing = load_routing(self.registry, self.config.gate)
+            self.routing = load_routing(self._open_registry(), self.config.gate)
+            self.error = None
             logger.info("serve-unlearn middleware: routing to bank version %s", self.routing.version)
         except Exception as exc:  # noqa: BLE001 - the server must come up and report, not crash
             self.error = f"{type(exc).__name__}: {exc}"
-            logger.error("serve-unlearn middleware cannot load its registry: %s", self.error)
+            logger.error("serve-unlearn middleware cannot load its registry (gated requests get 503 until it "
+                         "can): %s", self.error)
 
-    # -- version switching ------------------------------------------------------------------------------------
+    def _publish_state(self) -> None:
+        routing = self.routing
+        metrics.REGISTRY_UP.set(0 if routing is None else 1)
+        metrics.GENERATION.set(-1 if routing is None or routing.version is None else routing.version)
+        metrics.IN_FORCE.set(0 if routing is None else len(routing.gate.request_names))
+
     async def _maybe_reload(self) -> None:
         now = time.monotonic()
-        if self._reloading or now < self._next_poll or self.registry is None:
+        if self._reload_task is not None or now < self._next_poll:
             return
         self._next_poll = now + self.config.poll_interval_s
+        self._reload_task = asyncio.get_running_loop().create_task(self._reload())
+        self._reload_task.add_done_callback(self._reload_done)
+
+    def _reload_done(self, _task: asyncio.Task) -> None:
+        self._reload_task = None
+
+    async def _reload(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.routing is None:
+            await loop.run_in_executor(None, self._load_initial)
+            self._publish_state()
+            return
         try:
-            bank = await loop.run_in_executor(None, published_bank, self.registry)
+            bank = await loop.run_in_executor(None, published_bank, self._open_registry())
         except Exception as exc:  # noqa: BLE001
             logger.error("serve-unlearn: cannot read the published version: %s", exc)
             return
-        current = self.routing.version if self.routing else None
-        if (bank.version if bank else None) == current and self.routing is not None:
+        if (bank.version if bank else None) == self.routing.version:
             return
-        self._reloading = True
-        asyncio.get_running_loop().create_task(self._reload())
-
-    async def _reload(self) -> None:
         try:
-            routing = await asyncio.get_running_loop().run_in_executor(
-                None, load_routing, self.registry, self.config.gate)
-            old, self.routing, self.error = self.routing, routing, None
-            logger.info("serve-unlearn: switched routing from version %s to %s",
-                        old.version if old else None, routing.version)
-            if old is not None:
-                old.gate.close()
-            self.counters["reloads"] += 1
+            routing = await loop.run_in_executor(None, load_routing, self.registry, self.config.gate)
         except Exception as exc:  # noqa: BLE001 - keep serving the old version
-            logger.error("serve-unlearn: loading the new version failed, keeping the old one: %s", exc)
-            self.counters["reload_errors"] += 1
-        finally:
-            self._reloading = False
+            self.alert = f"version {bank.version if bank else None}: {type(exc).__name__}: {exc}"
+            logger.error("serve-unlearn: loading the new version failed, keeping version %s: %s",
+                         self.routing.version, exc)
+            metrics.SWITCH_FAILURES.inc()
+            return
+        old, self.routing, self.alert = self.routing, routing, None
+        logger.info("serve-unlearn: switched routing from version %s to %s", old.version, routing.version)
+        old.gate.close()
+        metrics.SWITCHES.inc()
+        self._publish_state()
 
-    # -- ASGI -------------------------------------------------------------------------------------------------
+    # -- who is asking ----------------------------------------------------------------------------------------
+    def _presented_token(self, scope) -> bytes | None:
+        presented = header(scope, ADMIN_HEADER.encode())
+        auth = header(scope, b"authorization") or b""
+        if not presented and auth[:7].lower() == b"bearer ":
+            presented = auth[7:].strip()
+        return presented or None
+
     def _is_admin(self, scope) -> bool:
-        if not self.admin_token:
-            return False
-        presented = _header(scope, b"x-serve-unlearn-admin") or ""
-        auth = _header(scope, b"authorization") or ""
-        if auth.lower().startswith("bearer "):
-            presented = presented or auth[7:].strip()
-        return bool(presented) and hmac.compare_digest(presented, self.admin_token)
+        presented = self._presented_token(scope)
+        return bool(self.admin_token and presented) and hmac.compare_digest(presented, self.admin_token)
+
+    async def _forbid(self, scope, send, what: str) -> None:
+        status = 403 if self._presented_token(scope) else 401
+        await respond_json(send, status, error_body(
+            status, f"{what} needs the serve-unlearn admin token (header {ADMIN_HEADER}, or Authorization: "
+            f"Bearer); operators set it in ${self.config.admin_token_env} of the server",
+            "PermissionDenied" if status == 403 else "Unauthorized"))
 
     def status(self) -> dict:
-        return {"version": self.routing.version if self.routing else None, "error": self.error,
-                "requests": list(self.routing.gate.request_names) if self.routing else [],
-                "counters": dict(self.counters),
-                "gate": dict(self.routing.gate.counters) if self.routing else {},
-                "inflight": {str(k): v for k, v in self.inflight.items() if v}}
+        routing = self.routing
+        return {"version": routing.version if routing else None, "error": self.error, "alert": self.alert,
+                "requests": list(routing.gate.request_names) if routing else [],
+                "gate": dict(routing.gate.counters) if routing else {},
+                "inflight": {str(k): v for k, v in self._inflight.items() if v},
+                "routes": self.table.by_class() if self.table else None}
+
+    # -- ASGI -------------------------------------------------------------------------------------------------
+    def _routes(self, scope) -> RouteTable | None:
+        if self.table is None and scope.get("app") is not None:
+            self.table = RouteTable.of_app(scope["app"], open_routes=self.config.open_routes,
+                                           admin_routes=self.config.admin_routes)
+            logger.info("serve-unlearn route table: %s", json.dumps(self.table.by_class()))
+        return self.table
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind == "lifespan":
+            self._routes(scope)
+            return await self.app(scope, receive, send)
+        if kind not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         await self._maybe_reload()  # any request (status polls too) may notice a new published version
-        path = scope.get("path", "")
-        if scope.get("method") == "GET" and path == STATUS_PATH:
-            return await _respond_json(send, 200, self.status())
-        if scope.get("method") != "POST" or path not in GATED_PATHS:
+        table = self._routes(scope)
+        if route_path(scope) == STATUS_PATH and kind == "http":
+            if not self._is_admin(scope):
+                return await self._forbid(scope, send, "the status page")
+            return await respond_json(send, 200, self.status())
+        template, route_class = table.match(scope) if table else (None, RouteClass.REFUSED)
+        if kind == "websocket":  # streaming sessions (e.g. realtime audio) cannot be gated
+            if route_class in (None, RouteClass.OPEN) or (route_class == RouteClass.ADMIN and self._is_admin(scope)):
+                return await self.app(scope, receive, send)
+            metrics.DECISIONS.labels("refused", template or "?").inc()
+            return await send({"type": "websocket.close", "code": 1008})
+        if route_class is None or route_class == RouteClass.OPEN:
             return await self.app(scope, receive, send)
-        body = await _read_body(receive)
+        if route_class == RouteClass.ADMIN:
+            allowed = self._is_admin(scope)
+            metrics.MANAGEMENT.labels("allowed" if allowed else "forbidden").inc()
+            if not allowed:
+                return await self._forbid(scope, send, f"{scope.get('method')} {template}")
+            return await self.app(scope, receive, send)
+        if route_class == RouteClass.MODELS:
+            if self._is_admin(scope):
+                return await self.app(scope, receive, send)
+            return await self.app(scope, receive, _hide_adapters(send))
+        if route_class == RouteClass.REFUSED:
+            metrics.DECISIONS.labels("refused", template).inc()
+            return await respond_json(send, 403, error_body(
+                403, f"{scope.get('method')} {template} is not gated by serve-unlearn, so it is closed while "
+                "forget requests are served; operators can open it with open_routes or admin_routes in the "
+                "serve-unlearn config", "PermissionDenied"))
+        return await self._gate(scope, receive, send, template)
+
+    async def _invalid(self, send, template: str, status: int, message: str) -> None:
+        metrics.DECISIONS.labels("invalid", template).inc()
+        await respond_json(send, status, error_body(status, message, "BadRequestError"))
+
+    async def _gate(self, scope, receive, send, template: str) -> None:
+        t0 = time.perf_counter()
+        encoding = (header(scope, b"content-encoding") or b"identity").strip().lower()
+        if encoding not in (b"identity", b""):
+            return await self._invalid(send, template, 415, "compressed request bodies are not accepted; send "
+                                       "plain JSON")
+        declared = header(scope, b"content-length")
+        limit = self.config.max_body_bytes
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._invalid(send, template, 413, f"the request body is larger than {limit} bytes")
+        try:
+            body = await read_body(receive, limit)
+        except BodyTooLarge:
+            return await self._invalid(send, template, 413, f"the request body is larger than {limit} bytes")
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            data = None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            return await self._invalid(send, template, 400, f"the request body is not valid JSON "
+                                       f"({type(exc).__name__}); send a JSON object")
         if not isinstance(data, dict):
-            self.counters["passthrough_invalid"] += 1
-            return await self.app(scope, _replay(body, receive), send)
+            return await self._invalid(send, template, 400, "the request body must be a JSON object")
         model = data.get("model")
         if isinstance(model, str) and model.startswith(NAME_PREFIX):
             if not self._is_admin(scope):
-                self.counters["forbidden"] += 1
-                return await _respond_json(send, 403, _error(
-                    403, f"model {model!r} is a serve-unlearn adapter; name the base model and the gate "
-                    "routes the request (operators: send the admin token)", "PermissionDenied"))
-            self.counters["admin"] += 1
-            return await self.app(scope, _replay(body, receive), send)
+                metrics.DECISIONS.labels("refused", template).inc()
+                return await respond_json(send, 403, error_body(
+                    403, f"model {model!r} is a serve-unlearn adapter; name the base model and the gate routes "
+                    "the request (operators: send the admin token)", "PermissionDenied"))
+            return await self.app(with_body(scope, body), replay(body, receive), send)
         routing = self.routing
         if routing is None:
             if self.config.gate.fail_closed:
-                self.counters["unavailable"] += 1
-                return await _respond_json(send, 503, _error(
+                metrics.DECISIONS.labels("unavailable", template).inc()
+                return await respond_json(send, 503, error_body(
                     503, f"serve-unlearn cannot gate requests: {self.error}", "ServiceUnavailable"))
-            return await self.app(scope, _replay(body, receive), send)
+            metrics.DECISIONS.labels("failed_open", template).inc()
+            return await self.app(with_body(scope, body, _ADAPTER_HEADERS), replay(body, receive), send)
+        texts: list[str] = []
         try:
-            prompts = request_prompts(path, data)
-            decisions = await asyncio.get_running_loop().run_in_executor(None, routing.gate.decide, prompts)
-        except GateInputError:
-            self.counters["passthrough_invalid"] += 1  # vLLM's validation gives the client its 400
-            return await self.app(scope, _replay(body, receive), send)
-        except _Unscorable as exc:
-            decisions = routing.gate.fail(1, str(exc))
-        return await self._forward(scope, receive, send, data, routing, decisions)
+            texts = request_segments(data)
+            if not texts:
+                raise Unscorable("no text to score")
+            (decision,) = await asyncio.get_running_loop().run_in_executor(None, routing.gate.decide, [texts])
+        except Unscorable as exc:
+            (decision,) = routing.gate.fail(1, str(exc))
+        return await self._forward(scope, receive, send, template, data, routing, decision, texts, t0)
 
-    async def _forward(self, scope, receive, send, data: dict, routing: Routing,
-                       decisions: list[GateDecision]) -> None:
-        scale = max(d.scale for d in decisions)
-        scored = [d.weight for d in decisions if not math.isnan(d.weight)]
-        weight = max(scored) if scored else float("nan")  # nan: scoring failed
-        adapter = routing.bank.bucket(scale, self.config.bank.rounding) if routing.bank else None
+    async def _forward(self, scope, receive, send, template: str, data: dict, routing: Routing,
+                       decision: GateDecision, texts: list[str], t0: float) -> None:
+        adapter = routing.bank.bucket(decision.scale, self.config.bank.rounding) if routing.bank else None
         if adapter is not None:
             data["model"] = adapter
-        self.counters["routed_adapter" if adapter else "routed_base"] += 1
+        if decision.error is not None:
+            outcome = "failed_closed" if decision.scale > 0 else "failed_open"
+        else:
+            outcome = "adapter" if adapter else "base"
+        latency = time.perf_counter() - t0
+        metrics.DECISIONS.labels(outcome, template).inc()
+        metrics.LATENCY.observe(latency)
+        if not math.isnan(decision.weight):
+            metrics.WEIGHT.observe(decision.weight)
+        request_id = (header(scope, b"x-request-id") or b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        self.audit.write({
+            "request_id": request_id, "route": template, "outcome": outcome, "adapter": adapter or "base",
+            "scale": round(decision.scale, 4), "weight": None if math.isnan(decision.weight) else round(
+                decision.weight, 4), "weights": {k: round(v, 4) for k, v in decision.weights.items()},
+            "generation": routing.version, "latency_ms": round(latency * 1000, 2), "windows": decision.windows,
+            "error": decision.error, "prompt_hash": self.audit.prompt_hash(texts)})
         body = json.dumps(data).encode()
-        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))
-        scope = dict(scope, headers=headers)
-        extra = [(b"x-serve-unlearn-weight", f"{weight:.4f}".encode()),
-                 (b"x-serve-unlearn-scale", f"{scale:.4f}".encode()),
-                 (b"x-serve-unlearn-adapter", (adapter or "base").encode())]
+        extra = [(b"x-serve-unlearn-weight", f"{decision.weight:.4f}".encode()),
+                 (b"x-serve-unlearn-scale", f"{decision.scale:.4f}".encode()),
+                 (b"x-serve-unlearn-adapter", (adapter or "base").encode()),
+                 (b"x-serve-unlearn-generation", str(routing.version).encode()),
+                 (b"x-serve-unlearn-request-id", request_id.encode("latin-1", "replace"))]
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -260,8 +290,41 @@ class O3Middleware:
             await send(message)
 
         version = routing.version
-        self.inflight[version] += 1
+        inflight = metrics.INFLIGHT.labels(str(version))
+        self._inflight[version] = self._inflight.get(version, 0) + 1
+        inflight.inc()
         try:
-            await self.app(scope, _replay(body, receive), send_with_headers)
+            await self.app(with_body(scope, body, _ADAPTER_HEADERS), replay(body, receive), send_with_headers)
         finally:
-            self.inflight[version] -= 1
+            self._inflight[version] -= 1
+            inflight.dec()
+
+
+def _hide_adapters(send):
+    """A ``send`` that drops serve-unlearn adapters from a ``/v1/models`` list (buffers that one small body)."""
+    start: dict | None = None
+    chunks: list[bytes] = []
+
+    async def filtered(message):
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        if message["type"] != "http.response.body":
+            return await send(message)
+        chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = b"".join(chunks)
+        try:
+            listing = json.loads(body)
+            listing["data"] = [m for m in listing.get("data", [])
+                               if not str(m.get("id", "")).startswith(NAME_PREFIX)]
+            body = json.dumps(listing).encode()
+        except (ValueError, TypeError, AttributeError):
+            pass  # not a model list (an error answer): pass it on as it is
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send(dict(start, headers=[*headers, (b"content-length", str(len(body)).encode())]))
+        await send({"type": "http.response.body", "body": body})
+
+    return filtered
