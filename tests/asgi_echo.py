@@ -47,8 +47,8 @@ async def echo_app(scope, receive, send):
 ROUTES_APP = _build_routes_app()
 
 
-def call(app, path, body=b"", method="POST", headers=(), root_path="", chunk=7):
-    """One request through ``app`` (the middleware); returns (status, headers, body chunks)."""
+async def acall(app, path, body=b"", method="POST", headers=(), root_path="", chunk=7):
+    """One request through ``app`` (the middleware) on the running loop; returns (status, headers, chunks)."""
     if isinstance(body, dict):
         body = json.dumps(body).encode()
     chunks = [body[i:i + chunk] for i in range(0, len(body), chunk)] if chunk else [body]
@@ -65,9 +65,14 @@ def call(app, path, body=b"", method="POST", headers=(), root_path="", chunk=7):
     scope = {"type": "http", "method": method, "path": root_path + path, "root_path": root_path,
              "query_string": b"", "app": ROUTES_APP,
              "headers": [(b"content-length", str(len(body)).encode()), *headers]}
-    asyncio.run(app(scope, receive, send))
+    await app(scope, receive, send)
     start = sent[0]
     return start["status"], dict(start["headers"]), [m.get("body", b"") for m in sent[1:]]
+
+
+def call(app, path, body=b"", **kw):
+    """``acall`` in a loop of its own."""
+    return asyncio.run(acall(app, path, body, **kw))
 
 
 def body_of(chunks) -> dict:

@@ -60,6 +60,16 @@ class VllmServeConfig(_Strict):
     extra_args: list[str] = Field(default_factory=list)  # passed to `vllm serve` as they are
     env: dict[str, str] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _gate_stays_on(self):
+        from .routes import ADMIN_ROUTES, GATED_ROUTES
+
+        opened = sorted(set(self.open_routes) & (GATED_ROUTES | ADMIN_ROUTES))
+        if opened:
+            raise ValueError(f"open_routes would take {opened} out of the gate or the admin check (they are "
+                             "gated or admin-only routes); remove them from open_routes")
+        return self
+
     @classmethod
     def load(cls, path: str | Path | None) -> VllmServeConfig:
         return cls.from_yaml(path) if path else cls()
