@@ -168,7 +168,7 @@ def test_root_path_deployments_are_gated(mw, root_path):
 
 def test_sagemaker_adapter_headers_cannot_override_the_routing(mw):
     """SageMaker's route copies X-Amzn-SageMaker-Adapter-Identifier into ``model`` after the middleware ran."""
-    status, headers, chunks = call(mw, "/invocations", FORGET_BODIES["/invocations"],
+    status, _headers, chunks = call(mw, "/invocations", FORGET_BODIES["/invocations"],
                                    headers=[(b"x-amzn-sagemaker-adapter-identifier", b"base")])
     assert status == 200 and body_of(chunks)["model"] == FULL
 

@@ -87,7 +87,7 @@ class GateDecision:
 class _Job:
     """One caller's windows in the scoring queue; ``done`` counts the windows scored so far."""
 
-    __slots__ = ("texts", "weights", "done", "future")
+    __slots__ = ("done", "future", "texts", "weights")
 
     def __init__(self, texts: list[str], n_requests: int):
         self.texts = texts

@@ -13,7 +13,6 @@ from .audit import AuditConfig
 from .contract import ADMIN_TOKEN_ENV
 
 
-
 class BankConfig(_Strict):
     """Scaled copies of the served adapter (vLLM has no per-request LoRA scale): the gate's scale is rounded to
     one of ``scales``; 0 is the base model."""

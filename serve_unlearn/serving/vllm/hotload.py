@@ -21,8 +21,8 @@ from ...adapters.served import served_adapter
 from ...errors import ServerError
 from .bank import AdapterBank, build_bank
 from .config import VllmServeConfig
-from .launcher import bank_dir
 from .contract import ADMIN_HEADER, ADMIN_TOKEN_ENV, STATUS_PATH
+from .launcher import bank_dir
 from .routing import publish, published_bank
 
 logger = logging.getLogger(__name__)
