@@ -29,6 +29,7 @@ from serve_unlearn.eval.qa import load_qa
 from serve_unlearn.serving.vllm.bank import bank_name
 from serve_unlearn.serving.vllm.config import VllmServeConfig
 from serve_unlearn.serving.vllm.hotload import load_into_server
+from serve_unlearn.serving.vllm.routes import OPEN_ROUTES
 
 pytestmark = [pytest.mark.vllm, pytest.mark.real_model, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -61,9 +62,11 @@ def _post(path, payload, headers=None, raw: bytes | None = None, timeout=120):
         return e.code, dict(e.headers), e.read().decode()
 
 
-def _get(path):
-    with urllib.request.urlopen(URL + path, timeout=30) as r:
-        return json.loads(r.read())
+def _get(path, admin=True):
+    req = urllib.request.Request(URL + path, headers={"x-serve-unlearn-admin": ADMIN} if admin else {})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        body = r.read()
+        return json.loads(body) if r.headers.get("content-type", "").startswith("application/json") else body
 
 
 def _complete(prompt, model="tiny", headers=None, max_tokens=8):
@@ -75,6 +78,13 @@ def _complete(prompt, model="tiny", headers=None, max_tokens=8):
 
 @pytest.fixture(scope="module")
 def setup(tiny_llama_dir, tmp_path_factory):
+    """The server and this test process (the hot-load client) share the admin token."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SERVE_UNLEARN_ADMIN_TOKEN", ADMIN)
+        yield from _serve(tiny_llama_dir, tmp_path_factory)
+
+
+def _serve(tiny_llama_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = tmp_path_factory.mktemp("o3-vllm")
@@ -90,7 +100,7 @@ def setup(tiny_llama_dir, tmp_path_factory):
                  "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}}
     cfg_path = tmp / "vllm.yaml"
     cfg_path.write_text(yaml.safe_dump(serve_cfg))
-    env = dict(os.environ, SERVE_UNLEARN_ADMIN_TOKEN=ADMIN)
+    env = dict(os.environ)
     log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed in teardown
     proc = subprocess.Popen([sys.executable, "-m", "serve_unlearn.cli", "vllm", "--model", str(tiny_llama_dir),
                              "--registry", str(registry.root), "--config", str(cfg_path)],
@@ -122,6 +132,88 @@ def test_forget_topic_goes_to_the_adapter_and_other_text_to_the_base(setup):
     assert float(h["x-serve-unlearn-weight"]) > 0.5
     h, body = _complete(UNRELATED)
     assert h["x-serve-unlearn-adapter"] == "base" and body["model"] == "tiny"
+
+
+FORGET_Q = "What is the chemical formula of water?"
+# a forget-topic request for each gated route, in that route's own format (vLLM 0.32's schemas)
+ROUTE_BODIES = {
+    "/v1/completions": {"model": "tiny", "prompt": FORGET_Q, "max_tokens": 2},
+    "/v1/chat/completions": {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": FORGET_Q}]},
+    "/v1/chat/completions/batch": {"model": "tiny", "max_tokens": 2, "messages": [
+        [{"role": "user", "content": "hello"}], [{"role": "user", "content": FORGET_Q}]]},
+    "/v1/responses": {"model": "tiny", "max_output_tokens": 2, "input": FORGET_Q},
+    "/v1/messages": {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": FORGET_Q}]},
+    "/invocations": {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": FORGET_Q}]},
+    "/generative_scoring": {"model": "tiny", "query": FORGET_Q, "items": ["H2O", "CO2"]},
+    "/v1/systemone": {"model": "tiny", "messages": [{"role": "user", "content": FORGET_Q}]},
+    "/inference/v1/generate": {"model": "tiny", "token_ids": [1, 2, 3], "sampling_params": {"max_tokens": 2}},
+    "/cohere/v2/chat": {"model": "tiny", "messages": [{"role": "user", "content": FORGET_Q}]},
+}
+
+
+def test_every_route_of_the_running_app_is_gated_managed_or_refused(setup):
+    """The table comes from the running app: a route a newer vLLM adds lands in a class, and a gated route with no
+    body above fails this test until someone handles it."""
+    table = _get("/serve-unlearn/status")["routes"]
+    gated = [r.split(" ", 1)[1] for r in table["gated"]]
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/invocations",
+            "/v1/chat/completions/batch"} <= set(gated)
+    for path in gated:
+        assert path in ROUTE_BODIES, f"gated route {path} has no forget-topic request in this test"
+        status, headers, text = _post(path, ROUTE_BODIES[path])
+        adapter = headers.get("x-serve-unlearn-adapter")
+        # never answered by the base model: the adapter, or vLLM's refusal of a route this model does not serve
+        assert adapter == bank_name(1, 1.0) and (status == 200 or status >= 400), (path, status, text[:300])
+        if path in {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/invocations",
+                    "/v1/chat/completions/batch"}:
+            assert status == 200, (path, text[:300])
+    for route in table["refused"]:
+        methods, path = route.split(" ", 1)
+        if "{" in path or "POST" not in methods:
+            continue
+        status, _, text = _post(path, {"model": "tiny", "input": FORGET_Q})
+        assert status == 403 and "open_routes" in text, (path, status)
+    for route in table["admin"]:
+        methods, path = route.split(" ", 1)
+        if "{" not in path and "POST" in methods:
+            assert _post(path, {})[0] == 401, path
+    for route in table["open"]:
+        methods, path = route.split(" ", 1)
+        assert "POST" not in methods or path in OPEN_ROUTES, route
+
+
+@pytest.mark.parametrize("path", ["/v1/completions/", "//v1/completions", "/v1/./completions", "/v1/%63ompletions",
+                                  "/V1/completions", "/v1/completions?x=1", "/v1/completions#frag"])
+def test_path_variants_never_reach_the_base_model_ungated(setup, path):
+    status, headers, text = _post(path, ROUTE_BODIES["/v1/completions"])
+    assert status != 200 or headers.get("x-serve-unlearn-adapter") == bank_name(1, 1.0), (status, text[:200])
+
+
+def test_management_is_admin_only_and_adapters_are_hidden(setup):
+    name = bank_name(1, 1.0)
+    status, _, _ = _post("/v1/unload_lora_adapter", {"lora_name": name})
+    assert status == 401
+    status, _, _ = _post("/v1/unload_lora_adapter", {"lora_name": name}, headers={"x-serve-unlearn-admin": "x"})
+    assert status == 403
+    status, _, _ = _post("/v1/load_lora_adapter", {"lora_name": "mine", "lora_path": "/tmp"})
+    assert status == 401
+    assert name in {m["id"] for m in _get("/v1/models")["data"]}  # still loaded
+    assert {m["id"] for m in _get("/v1/models", admin=False)["data"]} == {"tiny"}
+    with pytest.raises(urllib.error.HTTPError) as err:
+        _get("/serve-unlearn/status", admin=False)
+    assert err.value.code == 401
+
+
+def test_metrics_are_served_by_vllm(setup):
+    _complete(FORGET_Q)
+    _complete(UNRELATED)
+    text = _get("/metrics", admin=False).decode()
+    for line in ('serve_unlearn_gate_decisions_total{outcome="adapter",route="/v1/completions"}',
+                 'serve_unlearn_gate_decisions_total{outcome="base",route="/v1/completions"}',
+                 "serve_unlearn_gate_latency_seconds_bucket", "serve_unlearn_requests_in_force 1.0",
+                 "serve_unlearn_routed_generation 1.0", "serve_unlearn_registry_up 1.0"):
+        assert line in text, line
+    assert "vllm:" in text  # the same endpoint as vLLM's own metrics
 
 
 def test_streaming_passes_through_the_middleware(setup):
@@ -181,6 +273,11 @@ def test_bad_input_gets_vllm_errors_and_the_server_stays_up(setup):
     assert status == 400
     status, _, _ = _post("/v1/completions", {"model": "tiny", "prompt": 42})
     assert status == 400
+    status, _, _ = _post("/v1/completions", None, raw=b"[" * 50_000 + b"]" * 50_000)
+    assert status == 400
+    status, _, _ = _post("/v1/completions", {"model": "tiny", "prompt": "hi"},
+                         headers={"x-serve-unlearn-admin": "\u00e9t\u00e9".encode().decode("latin-1")})
+    assert status == 200
     status, _, _ = _post("/v1/completions", {"model": "no-such-model", "prompt": "hi", "max_tokens": 2})
     assert status == 404
     assert _get("/serve-unlearn/status")["error"] is None
