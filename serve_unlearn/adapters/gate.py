@@ -259,7 +259,7 @@ class Gate:
             decisions.append(GateDecision(weight=weight, scale=scale, request=self.request_names[best],
                                           weights={n: float(per_request[t]) for t, n in enumerate(self.request_names)},
                                           windows=len(wins)))
-            logger.info("gate w=%.4f scale=%.3f request=%s windows=%d", weight, scale, self.request_names[best],
+            logger.debug("gate w=%.4f scale=%.3f request=%s windows=%d", weight, scale, self.request_names[best],
                         len(wins))
         scored = sum(not long for long in too_long)
         self._count(decisions=scored, applied=applied, base=scored - applied)

@@ -44,9 +44,22 @@ logger = logging.getLogger("serve_unlearn.middleware")
 _ADAPTER_HEADERS = (b"x-amzn-sagemaker-adapter",)
 
 
+def _log_to_stderr() -> None:
+    """vLLM configures only its own loggers: give serve-unlearn's a handler in the API server, so the route
+    table, version switches and (by default) the audit lines reach the server log."""
+    package = logging.getLogger("serve_unlearn")
+    if not package.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("(APIServer pid=%(process)d) %(levelname)s %(asctime)s [%(name)s] "
+                                               "%(message)s", "%m-%d %H:%M:%S"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+
+
 class O3Middleware:
     def __init__(self, app, registry: ForgetRegistry | None = None, config: VllmServeConfig | None = None,
                  routing: Routing | None = None):
+        _log_to_stderr()
         self.app = app
         self.config = config or VllmServeConfig.load(os.environ.get(CONFIG_ENV))
         token = os.environ.get(self.config.admin_token_env) or ""
