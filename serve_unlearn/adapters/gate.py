@@ -51,6 +51,11 @@ class GatePolicy(_Strict):
             raise ValueError(f"ramp needs low < high; got low={self.low}, high={self.high}")
         return self
 
+    @property
+    def full_scale_weight(self) -> float:
+        """The weight from which a prompt gets ``max_scale``."""
+        return {"threshold": self.threshold, "ramp": self.high, "tofu": 0.32}[self.kind]
+
     def scale(self, w: np.ndarray | float) -> np.ndarray:
         w = np.asarray(w, dtype=np.float64)
         if self.kind == "threshold":

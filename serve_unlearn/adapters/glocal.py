@@ -38,6 +38,12 @@ class LayerStats:
     bank: torch.Tensor       # (L, N, d), rows L2-normalised
     background: torch.Tensor | None = None  # (L, M, d), rows L2-normalised: ordinary prompts' features
 
+    def __post_init__(self):
+        # a NaN anywhere makes every score NaN or every comparison false: a detector that cannot say "forget"
+        parts = [self.mean, self.precision, self.bank] + ([] if self.background is None else [self.background])
+        if not all(bool(torch.isfinite(t).all()) for t in parts):
+            raise ValueError("the detector statistics hold non-finite values")
+
     @classmethod
     def fit(cls, feats: torch.Tensor, background: torch.Tensor | None = None) -> LayerStats:
         """``feats``: (L, N, d) pooled features of the texts the detector is fitted on; ``background``: (L, M, d)
@@ -121,6 +127,10 @@ class LinearOCSVM:
     offset: float
     shift: float = 0.0
 
+    def __post_init__(self):
+        if not (bool(torch.isfinite(self.coef).all()) and math.isfinite(self.offset) and math.isfinite(self.shift)):
+            raise ValueError("the one-class SVM holds non-finite values")
+
     @classmethod
     def fit(cls, scores: torch.Tensor, nu: float) -> LinearOCSVM:
         from sklearn.svm import OneClassSVM
@@ -178,6 +188,12 @@ class Calibration:
     @classmethod
     def from_json(cls, data: dict) -> Calibration:
         values = {k: float(data[k]) for k in ("mu1", "mu2", "sigma2", "zeta")}
-        if not all(math.isfinite(v) for v in values.values()) or values["sigma2"] <= 0:
-            raise ValueError(f"calibration values are not finite or sigma2 <= 0: {values}")
+        if not all(math.isfinite(v) for v in values.values()) or values["sigma2"] <= 0 or values["zeta"] <= 0:
+            raise ValueError(f"calibration values are not finite, or sigma2 or zeta <= 0 (a zeta of 0 gives every "
+                             f"prompt the same weight): {values}")
         return cls(**values)
+
+    @property
+    def max_weight(self) -> float:
+        """The largest weight this detector can give (p = 1)."""
+        return 1.0 / (1.0 + math.exp(RANGE_TH - self.zeta))

@@ -81,4 +81,18 @@ def load_gate(registry: ForgetRegistry, config: GateConfig | None = None, *,
     if not ready:
         return Gate(lambda texts: None, [], config)
     ensemble = DetectorEnsemble.load([registry.artifact_path(r, "detector") for r in ready])  # one backbone
+    config = config or GateConfig()
+    check_reach([r.name for r in ready], ensemble.detectors, config)
     return Gate(ensemble.weights, [r.name for r in ready], config)
+
+
+def check_reach(names: list[str], detectors: list, config: GateConfig) -> None:
+    """ArtifactError for a detector that could never give a prompt the gate's full scale (a damaged or
+    degenerate calibration): loading it would quietly open the gate for its request."""
+    for name, detector in zip(names, detectors):
+        reach = detector.calibration.max_weight
+        if reach < config.policy.full_scale_weight:
+            raise ArtifactError(
+                f"the detector of request {name!r} can give at most w={reach:.3f}, below the gate policy's "
+                f"full-scale weight {config.policy.full_scale_weight}: it could never route a prompt to the "
+                "adapter; its calibration is damaged or was trained with a tiny zeta: register the request again")
