@@ -11,7 +11,21 @@ every topic detector's held-out topic texts against the other topics' and genera
 and a detector trained on 30 of the 45 chemistry questions of ``examples/data/smollm2_forget.jsonl``, its 15
 held-out ones against the 71 general questions of ``smollm2_retain.jsonl`` (real wording, harder).
 
-Writes ``benchmarks/results/o3_gate_latency.json`` and prints a table.
+It also times the whole gate, ``Gate.decide`` (``Gate(ensemble.weights, names, GateConfig())``: normalisation,
+windows, the scoring queue's worker thread, the window cache), for 1, 8 and 32 prompts with 1 and 5 detectors, in
+three forms:
+
+- ``bare``: each prompt a one-message chat (the user turn only);
+- ``chat``: an ordinary chat, ``[system "You are a helpful assistant.", user prompt]``, on a gate whose window
+  cache already holds the system prompt (scored once, on the first call): the serving situation;
+- ``chat_cold``: the same chats with the cache disabled (``GateConfig(cache_size=0)``), so every call scores the
+  system prompt again (once per call: a call's identical windows are scored once).
+
+Every timed call gets user prompts that gate has never seen (a fresh slice of a pool of distinct questions per
+repeat), so only the system prompt can come from the cache. Target for every form: 5 requests <= 1.5x one.
+
+Writes ``benchmarks/results/o3_gate_latency.json`` and ``o3_gate_latency.png`` (per-call p50 against prompts per
+call) and prints two tables.
 
     python benchmarks/o3_gate_latency.py [--lora-layers all,1,0] [--threads 1] [--repeats 30]
 """
@@ -21,6 +35,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -30,6 +45,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 N_TRAIN, N_HELD = 24, 12
+SYSTEM_PROMPT = "You are a helpful assistant."
+GATE_FORMS = ("bare", "chat", "chat_cold")
+WARMUP = 3
 
 TOPICS = {
     "astronomy": (["the planet Mars", "Jupiter's moons", "a red giant star", "the Andromeda galaxy", "a comet's tail",
@@ -146,6 +164,111 @@ def latency(ensembles: dict, prompts: list[str], repeats: int) -> dict[str, dict
     return out
 
 
+def fresh_prompts() -> list[str]:
+    """Distinct questions for the gate timings (one fresh slice per call, so no user window is ever cached):
+    every topic template with every thing, the example data's questions, and "How do X and Y differ?" for every
+    pair of things; shuffled once."""
+    pool = [t.format(x) for things, templates in TOPICS.values() for t in templates for x in things]
+    for name in ("smollm2_retain.jsonl", "smollm2_forget.jsonl", "o3/retain.jsonl", "o3/retain_heldout.jsonl",
+                 "o3/topic_chemistry_paraphrases.jsonl", "o3/topic_animals_paraphrases.jsonl"):
+        pool += prompts_of(name)
+    things = [x for ts, _ in TOPICS.values() for x in ts]
+    pool += [f"How do {a} and {b} differ?" for a, b in itertools.permutations(things, 2)]
+    pool = list(dict.fromkeys(pool))
+    random.Random(1).shuffle(pool)
+    return pool
+
+
+def chat_of(form: str, prompt: str) -> list[dict[str, str]]:
+    user = [{"role": "user", "content": prompt}]
+    return user if form == "bare" else [{"role": "system", "content": SYSTEM_PROMPT}, *user]
+
+
+def gate_latency(ensembles: dict, n: int, repeats: int, pool: list[str]) -> dict:
+    """Per-call latency (ms) of ``Gate.decide`` on ``n`` chats in each form, with each ensemble. Gate instances
+    are fresh per (form, ensemble); call r of every gate gets the same fresh user prompts (pool slice r), which
+    that gate has never seen. All gates' calls alternate within each repeat, as in ``latency``."""
+    from serve_unlearn.adapters.gate import Gate, GateConfig
+
+    need = (WARMUP + repeats) * n
+    if need > len(pool):
+        raise SystemExit(f"--repeats {repeats} needs {need} distinct prompts at {n} per call; the pool has "
+                         f"{len(pool)}: lower --repeats")
+    gates = {}
+    for form in GATE_FORMS:
+        config = GateConfig(cache_size=0) if form == "chat_cold" else GateConfig()
+        for k, ens in ensembles.items():
+            names = [f"request{i}" for i in range(len(ens.detectors))]
+            gates[form, k] = Gate(ens.weights, names, config)
+    calls = {form: [[chat_of(form, p) for p in pool[r * n:(r + 1) * n]] for r in range(WARMUP + repeats)]
+             for form in GATE_FORMS}
+    wall: dict = {key: [] for key in gates}
+    cpu: dict = {key: [] for key in gates}
+    windows: dict = {}
+    try:
+        for r in range(WARMUP + repeats):
+            for (form, k), gate in gates.items():
+                w0, c0 = time.perf_counter(), time.process_time()
+                decisions = gate.decide(calls[form][r])
+                c1, w1 = time.process_time(), time.perf_counter()
+                if any(d.error for d in decisions):
+                    raise RuntimeError(f"gate failed: {decisions[0].error}")
+                if r >= WARMUP:
+                    cpu[form, k].append((c1 - c0) * 1e3)
+                    wall[form, k].append((w1 - w0) * 1e3)
+                windows[form] = sum(d.windows for d in decisions)
+    finally:
+        for gate in gates.values():
+            gate.close()
+    out: dict = {}
+    for form in GATE_FORMS:
+        row: dict = {"windows_per_call": windows[form]}
+        for k in ensembles:
+            p50, p99 = np.percentile(wall[form, k], [50, 99])
+            row[k] = {"call_p50_ms": float(p50), "call_p99_ms": float(p99),
+                      "call_cpu_p50_ms": float(np.median(cpu[form, k])), "per_prompt_p50_ms": float(p50) / n}
+        row["ratio_p50"] = row["5"]["call_p50_ms"] / row["1"]["call_p50_ms"]
+        row["ratio_cpu_p50"] = row["5"]["call_cpu_p50_ms"] / row["1"]["call_cpu_p50_ms"]
+        out[form] = row
+    for form in ("chat", "chat_cold"):  # what the system prompt adds, with each ensemble
+        out[form]["over_bare_p50"] = {k: out[form][k]["call_p50_ms"] / out["bare"][k]["call_p50_ms"]
+                                      for k in ensembles}
+    return out
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = results["variants"]
+    fig, axes = plt.subplots(1, len(variants), figsize=(5.2 * len(variants), 4.2), squeeze=False, sharey=True)
+    colors = {"ensemble.weights": "tab:gray", "bare": "tab:blue", "chat": "tab:green", "chat_cold": "tab:red"}
+    for ax, (spec, row) in zip(axes[0], variants.items()):
+        ns = [int(n) for n in row["latency"]]
+        for label, color in colors.items():
+            for k, style in (("1", "--"), ("5", "-")):
+                if label == "ensemble.weights":
+                    y = [row["latency"][n][k]["call_p50_ms"] for n in row["latency"]]
+                else:
+                    y = [row["gate_latency"][n][label][k]["call_p50_ms"] for n in row["gate_latency"]]
+                ax.plot(ns, y, style, marker="o", color=color, label=f"{label}, {k} request{'s' * (k != '1')}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("prompts per call")
+        ax.set_title(f"lora_layers={spec}")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("per-call p50 (ms, wall clock)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"O3 gate latency, MiniLM on CPU, {results['threads']} thread(s): "
+                 "DetectorEnsemble.weights and Gate.decide (bare / system+user, cache warm / cold)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lora-layers", default="all,1,0", help="comma-separated variants: all, or a layer count")
@@ -164,8 +287,10 @@ def main() -> None:
     cache = Path(args.cache) if args.cache else default_cache_dir() / "bench" / "o3_gate_latency"
     pool = [x for t in TOPICS for x in topic_texts(t)[N_TRAIN:]] + general_questions()
     random.Random(0).shuffle(pool)
+    gate_pool = fresh_prompts()
     results: dict = {"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
-                     "backbone": "all-MiniLM-L6-v2 (6 layers, 384-d)", "variants": {}}
+                     "backbone": "all-MiniLM-L6-v2 (6 layers, 384-d)", "system_prompt": SYSTEM_PROMPT,
+                     "load_avg_start": os.getloadavg(), "variants": {}}
     for spec in args.lora_layers.split(","):
         lora_layers = None if spec == "all" else int(spec)
         dets, train_s = detectors(lora_layers, cache, progress=True)
@@ -176,7 +301,13 @@ def main() -> None:
             r["ratio_p50"] = r["5"]["call_p50_ms"] / r["1"]["call_p50_ms"]
             r["ratio_cpu_p50"] = r["5"]["call_cpu_p50_ms"] / r["1"]["call_cpu_p50_ms"]
             row["latency"][n] = r
+        row["gate_latency"] = {}
+        for n in (1, 8, 32):
+            row["gate_latency"][n] = gate_latency({"1": DetectorEnsemble(dets[:1]), "5": DetectorEnsemble(dets)}, n,
+                                                  args.repeats, gate_pool)
+        row["load_avg_after"] = os.getloadavg()
         results["variants"][spec] = row
+    results["load_avg_end"] = os.getloadavg()
 
     print(f"\nO3 gate latency, MiniLM on CPU ({args.threads} thread(s)), wall-clock ms per prompt p50 / p99 "
           f"({args.repeats} calls each, 1- and 5-request calls alternating)")
@@ -189,9 +320,27 @@ def main() -> None:
                   f"{r['5']['per_prompt_p50_ms']:.2f} / {r['5']['per_prompt_p99_ms']:.2f} | "
                   f"{r['ratio_p50']:.2f}x | {r['ratio_cpu_p50']:.2f}x | {min(row['auroc'].values()):.3f} | "
                   f"{row['auroc_chemistry']:.3f} |")
+
+    print(f"\nGate.decide, wall-clock ms per call p50 ({args.repeats} calls each, all gates alternating; fresh user "
+          f"prompts every call; chat = system {SYSTEM_PROMPT!r} + user, its window cached after the first call; "
+          "chat_cold = GateConfig(cache_size=0))")
+    print("| LoRA layers | prompts | form | windows / call | 1 request | 5 requests | 5 / 1 wall p50 | "
+          "5 / 1 CPU p50 | vs bare, 1 / 5 requests |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for spec, row in results["variants"].items():
+        for n, g in row["gate_latency"].items():
+            for form in GATE_FORMS:
+                r = g[form]
+                vs = (f"{r['over_bare_p50']['1']:.2f}x / {r['over_bare_p50']['5']:.2f}x" if "over_bare_p50" in r
+                      else "")
+                print(f"| {spec} | {n} | {form} | {r['windows_per_call']} | {r['1']['call_p50_ms']:.1f} | "
+                      f"{r['5']['call_p50_ms']:.1f} | {r['ratio_p50']:.2f}x | {r['ratio_cpu_p50']:.2f}x | {vs} |")
+    print("load average (1/5/15 min) at start %s, at end %s" % (
+        "/".join(f"{x:.2f}" for x in results["load_avg_start"]), "/".join(f"{x:.2f}" for x in results["load_avg_end"])))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "o3_gate_latency.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {RESULTS / 'o3_gate_latency.json'}")
+    plot(results, RESULTS / "o3_gate_latency.png")
+    print(f"wrote {RESULTS / 'o3_gate_latency.json'} and {RESULTS / 'o3_gate_latency.png'}")
 
 
 if __name__ == "__main__":
