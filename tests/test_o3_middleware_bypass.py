@@ -61,7 +61,10 @@ FORGET_BODIES = {
     "/v1/messages": {"model": "base", "max_tokens": 8, "messages": [{"role": "user", "content": Q}]},
     "/invocations": {"model": "base", "prompt": Q},
     "/generative_scoring": {"model": "base", "query": Q, "items": ["yes", "no"]},
-    "/v1/systemone": {"model": "base", "messages": [{"role": "user", "content": Q}]},
+    "/v1/systemone": {"model": "base", "state": "a lab notebook", "questions": {"q": {"type": "predicate",
+                                                                                      "instructions": Q}}},
+    "/v1/decisions": {"model": "base", "input": Q, "questions": [{"type": "predicate", "name": "q",
+                                                                  "text": "is it true?"}]},
     "/inference/v1/generate": {"model": "base", "token_ids": [1, 2, 3]},
     "/cohere/v2/chat": {"model": "base", "messages": [{"role": "user", "content": Q}]},
 }
@@ -127,6 +130,12 @@ def test_text_outside_the_messages_is_read(mw, extra):
     ("/v1/completions", {"model": "base", "prompt": f"<|im_start|>system\n{Q}<|im_end|>\n<|im_start|>user\nhi"
                                                     "<|im_end|>\n<|im_start|>assistant\n"}),
     ("/v1/completions", {"model": "base", "prompt": f"[INST] <<SYS>>\n{Q}\n<</SYS>>\n\nhello [/INST]"}),
+    ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+                                  "properties": {"answer_to_" + Q: {"type": "string"}}}}}}),
+    ("/v1/completions", {"model": "base", "prompt": "Answer:", "structured_outputs": {"choice": [Q, "no"]}}),
+    ("/v1/completions", {"model": "base", "prompt": "Answer:", "guided_regex": Q}),
+    ("/generative_scoring", {"model": "base", "query": "hello", "items": [Q]}),
 ])
 def test_every_route_format_is_read_whole(mw, path, body):
     assert routed(mw, path, body)[0] == FULL
@@ -151,6 +160,34 @@ def test_long_prompts_are_scored_whole(mw, prompt):
 ])
 def test_look_alike_text_scores_as_itself(mw, lookalike):
     assert routed(mw, "/v1/completions", {"model": "base", "prompt": lookalike})[0] == FULL
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "kv_transfer_params": {"prompt_token_ids": [1, 2, 3]}}),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "ec_transfer_params": {"x": [1]}}),
+    ("/v1/responses", {"input": "hi", "previous_response_id": "resp_123"}),
+    ("/v1/responses", {"input": "hi", "conversation": "conv_1"}),
+    ("/generative_scoring", {"query": [1, 2, 3], "items": ["a"]}),
+    ("/generative_scoring", {"query": "hi", "items": [[1, 2], [3]]}),
+    ("/inference/v1/generate", {"token_ids": [1, 2, 3]}),
+    ("/v1/chat/completions", {"messages": []}),
+])
+def test_content_the_gate_cannot_read_fails_closed(mw, path, body):
+    assert routed(mw, path, {"model": "base", **body})[0] == FULL
+
+
+def test_only_served_models_can_be_named(tmp_path, monkeypatch):
+    """With the served names known, a client cannot pick another LoRA (or a resolver path) for the prompts the
+    gate leaves on the base model."""
+    m = make(tmp_path, monkeypatch, served_model_name="base", allowed_models=["sql-lora"])
+    for name in ("../../other/adapter", "/abs/path", "unknown"):
+        status, _, chunks = call(m, "/v1/completions", {"model": name, "prompt": "hello"})
+        assert status == 404 and "not served" in body_of(chunks)["error"]["message"]
+    for name in ("base", "sql-lora", None):
+        assert routed(m, "/v1/completions", {"model": name, "prompt": "hello"})[0] == name
+    assert routed(m, "/v1/completions", {"model": "sql-lora", "prompt": Q})[0] == FULL
+    assert call(m, "/v1/completions", {"model": "unknown", "prompt": "hi"}, headers=ADMIN)[0] == 200
 
 
 def test_unrelated_prompts_stay_on_the_base_model(mw):

@@ -79,17 +79,20 @@ def split_markup(text: str) -> list[str]:
     return [p for p in pieces if p.strip()]
 
 
-def text_leaves(value: Any) -> Iterator[str]:
-    """Every string inside a JSON value, except under keys that never reach the model as text."""
+def text_leaves(value: Any, *, keys: bool = False) -> Iterator[str]:
+    """Every string inside a JSON value, except under keys that never reach the model as text; with ``keys``, the
+    object keys too (a JSON schema's property names are text the model writes and then continues from)."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
         for key, item in value.items():
             if key not in NON_TEXT_KEYS:
-                yield from text_leaves(item)
+                if keys and isinstance(key, str):
+                    yield key
+                yield from text_leaves(item, keys=keys)
     elif isinstance(value, list | tuple):
         for item in value:
-            yield from text_leaves(item)
+            yield from text_leaves(item, keys=keys)
 
 
 def prompt_segments(prompt: Prompt) -> list[str]:

@@ -32,6 +32,9 @@ class VllmServeConfig(_Strict):
     bank: BankConfig = Field(default_factory=BankConfig)
     # the names clients use for the base model; default: what vLLM serves (--served-model-name, else the path)
     served_model_name: str | None = None
+    # other model names non-admin clients may name (LoRAs the operator serves with --lora-modules); a name that
+    # is neither these nor the served model gets 404 when the served names are known (the launcher passes them)
+    allowed_models: list[str] = Field(default_factory=list)
     # the admin token's variable: adapter/engine management, the status page, naming an o3-* adapter and seeing
     # them in /v1/models need it; unset or empty: nobody is admin
     admin_token_env: str = ADMIN_TOKEN_ENV

@@ -9,4 +9,5 @@ STATUS_PATH = "/serve-unlearn/status"                           # the middleware
 ADMIN_HEADER = "x-serve-unlearn-admin"                          # the admin token, or Authorization: Bearer
 REGISTRY_ENV = "SERVE_UNLEARN_REGISTRY"                         # the registry folder of a serving process
 CONFIG_ENV = "SERVE_UNLEARN_CONFIG"                             # its VllmServeConfig YAML
+SERVED_MODELS_ENV = "SERVE_UNLEARN_SERVED_MODELS"               # JSON list of the names vLLM serves the base as
 ADMIN_TOKEN_ENV = "SERVE_UNLEARN_ADMIN_TOKEN"                   # default of VllmServeConfig.admin_token_env

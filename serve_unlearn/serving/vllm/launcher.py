@@ -23,7 +23,7 @@ from ...adapters.registry import DATABASE_ENV, ForgetRegistry
 from ...adapters.served import served_adapter
 from .bank import AdapterBank, build_bank, max_lora_rank
 from .config import VllmServeConfig
-from .contract import CONFIG_ENV, LOAD_FORMAT, MIDDLEWARE, REGISTRY_ENV
+from .contract import CONFIG_ENV, LOAD_FORMAT, MIDDLEWARE, REGISTRY_ENV, SERVED_MODELS_ENV
 from .routing import publish
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def plan(model: str, registry: ForgetRegistry, config: VllmServeConfig, *, confi
                  "--model-loader-extra-config", json.dumps({"patches": [str(Path(p).resolve()) for p in config.patches]})]
     argv += [*config.extra_args, *extra_args]
     env = {REGISTRY_ENV: str(Path(registry.root).resolve()), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-           **config.env}
+           SERVED_MODELS_ENV: json.dumps([config.served_model_name or model]), **config.env}
     if config_path:
         env[CONFIG_ENV] = str(Path(config_path).resolve())
     if config.registry_database:

@@ -34,7 +34,7 @@ from .asgi import BodyTooLarge, error_body, header, read_body, replay, respond_j
 from .audit import AuditLog
 from .bank import NAME_PREFIX
 from .config import VllmServeConfig
-from .contract import ADMIN_HEADER, CONFIG_ENV, REGISTRY_ENV, STATUS_PATH
+from .contract import ADMIN_HEADER, CONFIG_ENV, REGISTRY_ENV, SERVED_MODELS_ENV, STATUS_PATH
 from .request_text import Unscorable, request_segments
 from .routes import RouteClass, RouteTable
 from .routing import Routing, load_routing, published_bank
@@ -71,6 +71,7 @@ class O3Middleware:
         self.table: RouteTable | None = None
         self._inflight: dict[int | None, int] = {}
         self.audit = AuditLog(self.config.audit)
+        self.models = self._model_names()
         self._next_poll = 0.0 if routing is None else math.inf  # a routing given by the caller is kept
         self._reload_task: asyncio.Task | None = None
         if self.config.gate_threads:
@@ -80,6 +81,13 @@ class O3Middleware:
         if routing is None:
             self._load_initial()
         self._publish_state()
+
+    def _model_names(self) -> set[str] | None:
+        """The model names a non-admin client may name; None when the served names are not known."""
+        served = json.loads(os.environ.get(SERVED_MODELS_ENV) or "[]")
+        if self.config.served_model_name:
+            served.append(self.config.served_model_name)
+        return {*served, *self.config.allowed_models} if served else None
 
     # -- registry and version switching -----------------------------------------------------------------------
     def _open_registry(self) -> ForgetRegistry:
@@ -251,6 +259,11 @@ class O3Middleware:
                     403, f"model {model!r} is a serve-unlearn adapter; name the base model and the gate routes "
                     "the request (operators: send the admin token)", "PermissionDenied"))
             return await self.app(with_body(scope, body), replay(body, receive), send)
+        if self.models is not None and model is not None and model not in self.models and not self._is_admin(scope):
+            metrics.DECISIONS.labels("refused", template).inc()
+            return await respond_json(send, 404, error_body(
+                404, f"model {str(model)[:200]!r} is not served here; name one of {sorted(self.models)}",
+                "NotFoundError"))
         routing = self.routing
         if routing is None:
             if self.config.gate.fail_closed:

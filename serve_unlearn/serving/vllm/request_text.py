@@ -16,15 +16,20 @@ from typing import Any
 
 from ...adapters.gate_text import Segments, text_leaves
 
-# Fields whose strings become prompt text somewhere among the gated routes.
+# Fields whose strings become prompt text somewhere among the gated routes, or steer decoding through text the
+# output then continues from (structured-output schemas, regexes, choices, grammars).
 TEXT_FIELDS = (
     "prompt", "suffix", "messages", "input", "instructions", "system", "documents", "tools", "functions",
-    "tool_choice", "chat_template", "chat_template_kwargs", "query", "queries", "items", "text", "texts",
-    "prompts", "reasoning", "conversation_history", "item", "candidates", "choices", "labels", "options",
+    "tool_choice", "chat_template", "chat_template_kwargs", "query", "items", "state", "questions", "text",
+    "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
 )
-# Fields that put text in front of the model that the body does not hold.
+# Of these, the fields holding JSON schemas, whose property names are text too.
+SCHEMA_FIELDS = frozenset({"tools", "functions", "response_format", "structured_outputs", "guided_json", "text"})
+# Fields that put content in front of the model that the gate cannot read: token ids, embeddings, a stored
+# earlier response or conversation, and the disaggregated-serving parameters, whose ``prompt_token_ids`` replace
+# the rendered prompt (vLLM's online renderer).
 OPAQUE_FIELDS = ("prompt_token_ids", "prompt_embeds", "token_ids", "input_ids", "previous_response_id",
-                 "conversation", "prompt_logprobs_token_ids", "encoder_prompt", "multi_modal_data")
+                 "conversation", "kv_transfer_params", "ec_transfer_params", "multi_modal_data")
 
 
 class Unscorable(Exception):
@@ -46,10 +51,10 @@ def request_segments(body: dict[str, Any]) -> Segments:
     for key in OPAQUE_FIELDS:
         if body.get(key) not in (None, "", [], {}):
             raise Unscorable(f"'{key}' carries prompt content the gate cannot read")
-    if _has_token_ids(body.get("prompt")) or _has_token_ids(body.get("input")):
-        raise Unscorable("token-id prompts cannot be scored")
     segments = Segments()
     for key in TEXT_FIELDS:
         if key in body:
-            segments.extend(t for t in text_leaves(body[key]) if t.strip())
+            if _has_token_ids(body[key]):
+                raise Unscorable(f"token-id prompts ('{key}') cannot be scored")
+            segments.extend(t for t in text_leaves(body[key], keys=key in SCHEMA_FIELDS) if t.strip())
     return segments

@@ -33,7 +33,8 @@ class RouteClass(StrEnum):
 # Routes that make the model produce output from a request body the gate can read (vLLM 0.32-0.34).
 GATED_ROUTES = frozenset({
     "/v1/completions", "/v1/chat/completions", "/v1/chat/completions/batch", "/v1/responses", "/v1/messages",
-    "/invocations", "/generative_scoring", "/v1/systemone", "/inference/v1/generate", "/cohere/v2/chat",
+    "/invocations", "/generative_scoring", "/v1/systemone", "/v1/decisions", "/inference/v1/generate",
+    "/cohere/v2/chat",
 })
 # Adapter, weight and engine management (vLLM's development routes among them), and this middleware's status.
 ADMIN_ROUTES = frozenset({
@@ -41,6 +42,8 @@ ADMIN_ROUTES = frozenset({
     "/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache", "/collective_rpc", "/sleep", "/wake_up",
     "/release_kv_cache_memory", "/is_sleeping", "/server_info", "/start_profile", "/stop_profile",
     "/scale_elastic_ep", "/is_scaling_elastic_ep", "/fault_tolerance/apply", "/fault_tolerance/status",
+    "/v1/fault_tolerance/apply", "/v1/fault_tolerance/status", "/checkpoint/prepare", "/checkpoint/restore",
+    "/checkpoint/status",
     "/abort_requests", "/inference/v1/abort_requests", "/pause", "/resume", "/is_paused", "/update_weights",
     "/start_weight_update", "/finish_weight_update", "/init_weight_transfer_engine",
     "/shutdown_weight_transfer_engine", "/start_draft_weight_update", "/update_weight_version", "/weight_checker",
