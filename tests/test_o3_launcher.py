@@ -96,3 +96,25 @@ def test_bank_copies_share_the_weights_and_scale_alpha(registry_with_request, tm
     assert bank.bucket(0.0) is None and bank.bucket(0.2) is None
     assert bank.bucket(0.3) == bank_name(1, 0.5) and bank.bucket(2.0) == bank_name(1, 1.0)
     assert bank.bucket(0.7, "floor") == bank_name(1, 0.5) and bank.bucket(0.4, "floor") is None
+
+
+@pytest.mark.parametrize("extra, env", [(["--grpc"], {}), (["--grpc=true"], {}), ([], {"VLLM_USE_RUST_FRONTEND": "1"})])
+def test_front_ends_without_the_middleware_are_refused(tmp_path, extra, env):
+    from serve_unlearn.errors import UnlearnConfigError
+    from serve_unlearn.serving.vllm.config import VllmServeConfig
+    from serve_unlearn.serving.vllm.launcher import plan
+
+    registry = ForgetRegistry(tmp_path / "reg")
+    with pytest.raises(UnlearnConfigError, match="does not run the serve-unlearn middleware"):
+        plan("model", registry, VllmServeConfig(env=env), extra_args=extra, write=False)
+
+
+def test_the_launcher_does_not_recreate_a_damaged_registry(tmp_path):
+    from serve_unlearn.errors import RegistryError
+    from serve_unlearn.serving.vllm.launcher import launch
+
+    ForgetRegistry(tmp_path / "reg")
+    (tmp_path / "reg" / "registry.sqlite").unlink()
+    with pytest.raises(RegistryError, match="missing"):
+        launch("model", str(tmp_path / "reg"), dry_run=True)
+    assert not (tmp_path / "reg" / "registry.sqlite").exists()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ...adapters.registry import DATABASE_ENV, ForgetRegistry
 from ...adapters.served import served_adapter
+from ...errors import UnlearnConfigError
 from .bank import AdapterBank, build_bank, max_lora_rank
 from .config import VllmServeConfig
 from .contract import CONFIG_ENV, LOAD_FORMAT, MIDDLEWARE, REGISTRY_ENV, SERVED_MODELS_ENV
@@ -45,8 +46,22 @@ def bank_dir(registry: ForgetRegistry) -> Path:
     return Path(registry.root) / "bank"
 
 
+# vLLM front ends that do not run the HTTP middleware: requests there would never be gated
+_UNGATED_FLAGS = ("--grpc",)
+_UNGATED_ENV = ("VLLM_USE_RUST_FRONTEND",)
+
+
+def _refuse_ungated_front_ends(args: list[str], env: dict[str, str]) -> None:
+    flags = [a for a in args if a.split("=", 1)[0] in _UNGATED_FLAGS]
+    envs = [k for k in _UNGATED_ENV if env.get(k, "0").lower() not in ("", "0", "false")]
+    if flags or envs:
+        raise UnlearnConfigError(f"{flags + envs} start a vLLM front end that does not run the serve-unlearn "
+                                 "middleware, so forget requests would not be enforced; remove them")
+
+
 def plan(model: str, registry: ForgetRegistry, config: VllmServeConfig, *, config_path: str | None = None,
          extra_args: list[str] = (), write: bool = True) -> LaunchPlan:
+    _refuse_ungated_front_ends([*config.extra_args, *extra_args], {**os.environ, **config.env})
     generation = registry.generation
     adapter = served_adapter(registry, up_to_version=generation)
     bank = None

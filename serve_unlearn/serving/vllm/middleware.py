@@ -181,7 +181,11 @@ class O3Middleware:
 
     # -- ASGI -------------------------------------------------------------------------------------------------
     def _routes(self, scope) -> RouteTable | None:
-        if self.table is None and scope.get("app") is not None:
+        """The table of the app's routes, built on first use and again if the app gains routes (vLLM adds some
+        after it constructs its middleware)."""
+        app = scope.get("app")
+        routes = getattr(app, "routes", None)
+        if app is not None and (self.table is None or len(self.table.routes) != len(routes or ())):
             self.table = RouteTable.of_app(scope["app"], open_routes=self.config.open_routes,
                                            admin_routes=self.config.admin_routes)
             logger.info("serve-unlearn route table: %s", json.dumps(self.table.by_class()))
