@@ -179,6 +179,14 @@ def fresh_prompts() -> list[str]:
     return pool
 
 
+def counting(scorer, counts: dict, key: str):
+    """``scorer`` that adds the number of texts it is given to ``counts[key]``."""
+    def scored(texts):
+        counts[key] = counts.get(key, 0) + len(texts)
+        return scorer(texts)
+    return scored
+
+
 def chat_of(form: str, prompt: str) -> list[dict[str, str]]:
     user = [{"role": "user", "content": prompt}]
     return user if form == "bare" else [{"role": "system", "content": SYSTEM_PROMPT}, *user]
@@ -194,12 +202,12 @@ def gate_latency(ensembles: dict, n: int, repeats: int, pool: list[str]) -> dict
     if need > len(pool):
         raise SystemExit(f"--repeats {repeats} needs {need} distinct prompts at {n} per call; the pool has "
                          f"{len(pool)}: lower --repeats")
-    gates = {}
+    gates, scored = {}, {}
     for form in GATE_FORMS:
         config = GateConfig(cache_size=0) if form == "chat_cold" else GateConfig()
         for k, ens in ensembles.items():
             names = [f"request{i}" for i in range(len(ens.detectors))]
-            gates[form, k] = Gate(ens.weights, names, config)
+            gates[form, k] = Gate(counting(ens.weights, scored, form), names, config)
     calls = {form: [[chat_of(form, p) for p in pool[r * n:(r + 1) * n]] for r in range(WARMUP + repeats)]
              for form in GATE_FORMS}
     wall: dict = {key: [] for key in gates}
@@ -217,12 +225,16 @@ def gate_latency(ensembles: dict, n: int, repeats: int, pool: list[str]) -> dict
                     cpu[form, k].append((c1 - c0) * 1e3)
                     wall[form, k].append((w1 - w0) * 1e3)
                 windows[form] = sum(d.windows for d in decisions)
+            scored_last = dict(scored)
+            scored.clear()
     finally:
         for gate in gates.values():
             gate.close()
     out: dict = {}
     for form in GATE_FORMS:
-        row: dict = {"windows_per_call": windows[form]}
+        # windows: summed over the call's prompts (a shared system prompt counts once per prompt); scored: the
+        # texts the detectors actually ran on in one call (per gate; the cache and a call's dedup take the rest)
+        row: dict = {"windows_per_call": windows[form], "scored_per_call": scored_last[form] // len(ensembles)}
         for k in ensembles:
             p50, p99 = np.percentile(wall[form, k], [50, 99])
             row[k] = {"call_p50_ms": float(p50), "call_p99_ms": float(p99),
@@ -324,7 +336,7 @@ def main() -> None:
     print(f"\nGate.decide, wall-clock ms per call p50 ({args.repeats} calls each, all gates alternating; fresh user "
           f"prompts every call; chat = system {SYSTEM_PROMPT!r} + user, its window cached after the first call; "
           "chat_cold = GateConfig(cache_size=0))")
-    print("| LoRA layers | prompts | form | windows / call | 1 request | 5 requests | 5 / 1 wall p50 | "
+    print("| LoRA layers | prompts | form | windows / scored per call | 1 request | 5 requests | 5 / 1 wall p50 | "
           "5 / 1 CPU p50 | vs bare, 1 / 5 requests |")
     print("|---|---|---|---|---|---|---|---|---|")
     for spec, row in results["variants"].items():
@@ -333,10 +345,11 @@ def main() -> None:
                 r = g[form]
                 vs = (f"{r['over_bare_p50']['1']:.2f}x / {r['over_bare_p50']['5']:.2f}x" if "over_bare_p50" in r
                       else "")
-                print(f"| {spec} | {n} | {form} | {r['windows_per_call']} | {r['1']['call_p50_ms']:.1f} | "
+                print(f"| {spec} | {n} | {form} | {r['windows_per_call']} / {r['scored_per_call']} | "
+                      f"{r['1']['call_p50_ms']:.1f} | "
                       f"{r['5']['call_p50_ms']:.1f} | {r['ratio_p50']:.2f}x | {r['ratio_cpu_p50']:.2f}x | {vs} |")
-    print("load average (1/5/15 min) at start %s, at end %s" % (
-        "/".join(f"{x:.2f}" for x in results["load_avg_start"]), "/".join(f"{x:.2f}" for x in results["load_avg_end"])))
+    start, end = ("/".join(f"{x:.2f}" for x in results[k]) for k in ("load_avg_start", "load_avg_end"))
+    print(f"load average (1/5/15 min) at start {start}, at end {end}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "o3_gate_latency.json").write_text(json.dumps(results, indent=2))
     plot(results, RESULTS / "o3_gate_latency.png")
