@@ -327,6 +327,7 @@ def main() -> int:
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks that kill the servers
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["SERVE_UNLEARN_ADMIN_TOKEN"] = ADMIN  # the server's admin secret, and this hot-load client's
 
     from serve_unlearn.adapters.registry import ForgetRegistry
     from serve_unlearn.serving.vllm.bank import bank_name
@@ -361,7 +362,7 @@ def main() -> int:
     o3_log, plain_log = tmp / "o3-server.log", tmp / "plain-server.log"
     o3_argv = [sys.executable, "-m", "serve_unlearn.cli", "vllm", "--model", str(model_dir), "--registry",
                str(registry.root), "--config", str(cfg_path)]
-    with server(o3_argv, dict(os.environ, SERVE_UNLEARN_ADMIN_TOKEN=ADMIN), o3_log) as o3:
+    with server(o3_argv, dict(os.environ), o3_log) as o3:
         with server(plain_argv, {**os.environ, **p.env}, plain_log) as plain:  # both start at once
             start_s = wait_healthy({"o3": (o3, url, o3_log), "plain": (plain, plain_url, plain_log)})
             print(f"servers up in {start_s:.0f} s", flush=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -69,6 +70,8 @@ def main() -> int:
     ap.add_argument("--with-salun", metavar="PATCH", help="also serve this weight patch (--load-format)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the deployment's admin secret: the server and `o3 forget --server` (which hot-loads the request) share it
+    os.environ.setdefault("SERVE_UNLEARN_ADMIN_TOKEN", secrets.token_urlsafe(24))
     from openai import OpenAI
 
     from serve_unlearn.eval.qa import load_qa
