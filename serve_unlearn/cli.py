@@ -44,8 +44,8 @@ def _load_model_and_task(model_dir: str, forget_target: str, y_max: int | None):
 
 
 def _run_method(args, method: str) -> int:
+    from .data import load_data
     from .patches.config import IAUConfig, SalUnConfig
-    from .patches.inputs import load_data
 
     forget = load_data(args.forget)
     retain = load_data(args.retain) if args.retain else None

@@ -69,8 +69,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..config import StrictConfig
 from ..errors import ArtifactError, GateInputError, UnlearnConfigError, UnlearnDataError
-from ..patches.config import _Strict
 from .glocal import Calibration, LayerStats, LinearOCSVM, crossfit_parts
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ BACKGROUND_MIN = 16  # ordinary prompts: fewer say little about what ordinary tr
 _LOG_EPS = 1e-5      # the reference's log(Δ + 1e-5)
 
 
-class DetectorConfig(_Strict):
+class DetectorConfig(StrictConfig):
     """Detector hyperparameters; defaults are for MiniLM (6 layers, 384-d) on CPU and a few dozen forget texts."""
 
     backbone: str | None = Field(None, description="HF encoder folder or name; None = the packaged MiniLM")

@@ -20,8 +20,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from ..config import StrictConfig as _Strict
 from ..errors import GateInputError
-from ..patches.config import _Strict
 
 logger = logging.getLogger("serve_unlearn.gate")
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import PatchMismatchError, PatchStateError
+from ..fingerprint import tensor_digest
 from ..kernels import pack_mask, unpack_mask
-from .fingerprint import tensor_digest
 from .format import PatchEntry, WeightPatch, dtype_name
 
 PatchLike = WeightPatch | str | os.PathLike

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import data_digest
 from .config import IAUConfig
-from .fingerprint import data_digest
 from .format import WeightPatch
 from .saliency import accumulate_gradients, saliency_masks, select_parameters
 from .salun import _records, cast_all, snapshot

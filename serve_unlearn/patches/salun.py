@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import data_digest
 from .config import SalUnConfig
-from .fingerprint import data_digest
 from .format import WeightPatch
 from .saliency import accumulate_gradients, saliency_masks, select_parameters
 from .tasks import UnlearnTask

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ...adapters.gate import GateConfig
-from ...patches.config import _Strict
+from ...config import StrictConfig as _Strict
 
 CONFIG_ENV = "SERVE_UNLEARN_CONFIG"
 REGISTRY_ENV = "SERVE_UNLEARN_REGISTRY"

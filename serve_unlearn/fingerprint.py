@@ -1,4 +1,4 @@
-"""Fingerprints: how a patch recognises the exact base tensors it was made for.
+"""Fingerprints: how a patch (or an adapter) recognises the exact base tensors it was made for.
 
 A tensor's digest is a sha256 over its shape, dtype and bytes (the name is the key it is filed under); a base
 fingerprint is a sha256 over the sorted ``name:digest`` lines of the tensors a patch touches. Hashing only the
@@ -8,9 +8,11 @@ touched tensors keeps verification proportional to the edit, not to the model.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
+
+__all__ = ["base_fingerprint", "tensor_digest"]
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -29,14 +31,3 @@ def base_fingerprint(digests: Mapping[str, str]) -> str:
     lines = "\n".join(f"{name}:{digest}" for name, digest in sorted(digests.items()))
     return hashlib.sha256(lines.encode()).hexdigest()
 
-
-def data_digest(records: Iterable[object]) -> str:
-    """Digest of a forget or retain set (any JSON-able records or tensors), recorded in a patch's header."""
-    h = hashlib.sha256()
-    for r in records:
-        if isinstance(r, torch.Tensor):
-            h.update(tensor_digest(r).encode())
-        else:
-            h.update(repr(r).encode())
-        h.update(b"\x00")
-    return h.hexdigest()
