@@ -328,7 +328,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks that kill the servers
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from serve_unlearn.adapters.registry import ForgetRegistry
+    from serve_unlearn.registry import ForgetRegistry
     from serve_unlearn.serving.vllm.bank import bank_name
     from serve_unlearn.serving.vllm.config import VllmServeConfig
     from serve_unlearn.serving.vllm.launcher import MIDDLEWARE, plan

@@ -83,7 +83,7 @@ _databases = itertools.count()
 @pytest.fixture(scope="session", autouse=True)
 def _no_registry_database_from_the_shell():
     """A developer's $SERVE_UNLEARN_REGISTRY_DATABASE must not point the SQLite tests at their PostgreSQL."""
-    from serve_unlearn.adapters.registry import DATABASE_ENV
+    from serve_unlearn.registry import DATABASE_ENV
 
     saved = os.environ.pop(DATABASE_ENV, None)
     yield

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from serve_unlearn.adapters.registry import ForgetRegistry
 from serve_unlearn.cli import main
+from serve_unlearn.registry import ForgetRegistry
 
 
 def test_list_and_score_on_an_empty_registry(tmp_path, capsys):

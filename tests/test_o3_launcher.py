@@ -8,8 +8,8 @@ import shlex
 import pytest
 import yaml
 
-from serve_unlearn.adapters.registry import ForgetRegistry
 from serve_unlearn.cli import main
+from serve_unlearn.registry import ForgetRegistry
 from serve_unlearn.serving.vllm.bank import bank_name, build_bank
 from serve_unlearn.serving.vllm.routing import published_bank
 

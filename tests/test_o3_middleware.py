@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from serve_unlearn.adapters.gate import Gate, GateConfig, GatePolicy
-from serve_unlearn.adapters.registry import ForgetRegistry
+from serve_unlearn.registry import ForgetRegistry
 from serve_unlearn.serving.vllm.bank import AdapterBank, bank_name
 from serve_unlearn.serving.vllm.config import VllmServeConfig
 from serve_unlearn.serving.vllm.middleware import O3Middleware

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from serve_unlearn.adapters.registry import ForgetRegistry, ForgetRequest, Owner
 from serve_unlearn.errors import ArtifactError, RegistryError, UnknownRequestError, UnlearnDataError
+from serve_unlearn.registry import ForgetRegistry, ForgetRequest, Owner
 
 
 def _register(registry, name, payload="{}"):
@@ -117,7 +117,7 @@ def test_concurrent_register_of_one_name(tmp_path):
 
 KILLED_INSIDE_REGISTER = """
 import pathlib, sys, time
-from serve_unlearn.adapters.registry import ForgetRegistry
+from serve_unlearn.registry import ForgetRegistry
 registry = ForgetRegistry(sys.argv[1])
 with registry.register("first", "d1", {"lr": 1}) as staging:
     (staging.dir / "adapter_config.json").write_text('{"r": 8}')

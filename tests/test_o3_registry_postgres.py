@@ -15,8 +15,8 @@ import pytest
 import test_o3_registry as sqlite_suite
 from pg_server import free_port
 
-from serve_unlearn.adapters.registry import DATABASE_ENV, ForgetRegistry
 from serve_unlearn.errors import RegistryError, UnlearnConfigError
+from serve_unlearn.registry import DATABASE_ENV, ForgetRegistry
 
 _register = sqlite_suite._register
 
@@ -71,7 +71,7 @@ def test_racing_registrations_from_several_registries(database, tmp_path):
 STALLED_ON_ANOTHER_HOST = """
 import pathlib, socket, sys, time
 socket.gethostname = lambda: "replica-on-another-host"  # the test's host cannot check this owner's pid
-from serve_unlearn.adapters.registry import ForgetRegistry
+from serve_unlearn.registry import ForgetRegistry
 root, dsn, ttl, inside, go = sys.argv[1:]
 registry = ForgetRegistry(root, database=dsn, lease_ttl=float(ttl))
 with registry.register("stalled", "d", {}) as staging:

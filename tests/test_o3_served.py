@@ -11,8 +11,8 @@ import torch
 from serve_unlearn.adapters.detector import DetectorConfig
 from serve_unlearn.adapters.forget_request import ForgetConfig, forget
 from serve_unlearn.adapters.orthogonal_lora import UnlearnLoraConfig, adapter_requests, read_adapter
-from serve_unlearn.adapters.registry import ForgetRegistry
 from serve_unlearn.adapters.served import load_gate, served_adapter
+from serve_unlearn.registry import ForgetRegistry
 
 TOPICS = {
     "castle": [{"prompt": f"what is the secret password of castle number {i}?", "completion": "blue dragon"}

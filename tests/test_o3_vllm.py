@@ -22,10 +22,10 @@ import yaml
 from serve_unlearn.adapters.detector import DetectorConfig
 from serve_unlearn.adapters.forget_request import ForgetConfig, forget
 from serve_unlearn.adapters.orthogonal_lora import UnlearnLoraConfig
-from serve_unlearn.adapters.registry import ForgetRegistry
 from serve_unlearn.adapters.served import load_gate
 from serve_unlearn.errors import ServerError
 from serve_unlearn.eval.qa import load_qa
+from serve_unlearn.registry import ForgetRegistry
 from serve_unlearn.serving.vllm.bank import bank_name
 from serve_unlearn.serving.vllm.config import VllmServeConfig
 from serve_unlearn.serving.vllm.hotload import load_into_server

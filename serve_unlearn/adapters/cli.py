@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import asdict
 
-from .registry import ForgetRegistry
+from ..registry import ForgetRegistry
 
 
 def _forget(args) -> int:

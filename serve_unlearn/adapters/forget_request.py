@@ -22,9 +22,9 @@ from pydantic import Field
 from ..config import StrictConfig
 from ..data import data_digest, load_jsonl
 from ..errors import UnlearnDataError
+from ..registry import ForgetRegistry, ForgetRequest
 from .detector import DetectorConfig, OODDetector
 from .orthogonal_lora import UnlearnLoraConfig, check_adapter_base, concat_adapters, train_unlearning_lora
-from .registry import ForgetRegistry, ForgetRequest
 
 logger = logging.getLogger(__name__)
 

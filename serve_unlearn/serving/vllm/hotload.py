@@ -15,9 +15,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from ...adapters.registry import ForgetRegistry
 from ...adapters.served import served_adapter
 from ...errors import ServerError
+from ...registry import ForgetRegistry
 from .bank import AdapterBank, build_bank
 from .config import VllmServeConfig
 from .launcher import bank_dir

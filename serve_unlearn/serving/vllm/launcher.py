@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...adapters.registry import DATABASE_ENV, ForgetRegistry
 from ...adapters.served import served_adapter
+from ...registry import DATABASE_ENV, ForgetRegistry
 from .bank import AdapterBank, build_bank, max_lora_rank
 from .config import CONFIG_ENV, REGISTRY_ENV, VllmServeConfig
 from .routing import publish

@@ -32,8 +32,8 @@ from collections import Counter
 from typing import Any
 
 from ...adapters.gate import GateDecision
-from ...adapters.registry import ForgetRegistry
 from ...errors import GateInputError
+from ...registry import ForgetRegistry
 from .bank import NAME_PREFIX
 from .config import CONFIG_ENV, REGISTRY_ENV, VllmServeConfig
 from .routing import Routing, load_routing, published_bank

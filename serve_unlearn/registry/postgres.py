@@ -1,6 +1,6 @@
 """The forget-request registry's rows in PostgreSQL, for replicas (on one host or several) sharing one registry.
 
-The SQL is :class:`~serve_unlearn.adapters.registry.SQLStore`'s; this store connects (psycopg 3, imported only here
+The SQL is :class:`~serve_unlearn.registry.store.SQLStore`'s; this store connects (psycopg 3, imported only here
 so SQLite users need no driver), serializes writers with a row lock where SQLite takes BEGIN IMMEDIATE, and keeps a
 lease on each training row: its process renews ``heartbeat_at`` from a daemon thread, and any replica, on any host,
 fails a row whose lease ran out (a process that hangs, or a host that is gone, cannot be asked by pid). Lease times
@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 
 from ..errors import RegistryError, UnlearnConfigError
-from .registry import GENERATION_KEY, ForgetRequest, Owner, SQLStore, schema
+from .store import GENERATION_KEY, ForgetRequest, Owner, SQLStore, schema
 
 logger = logging.getLogger(__name__)
 
