@@ -331,7 +331,8 @@ def main() -> int:
     from serve_unlearn.registry import ForgetRegistry
     from serve_unlearn.serving.vllm.bank import bank_name
     from serve_unlearn.serving.vllm.config import VllmServeConfig
-    from serve_unlearn.serving.vllm.launcher import MIDDLEWARE, plan
+    from serve_unlearn.serving.vllm.contract import MIDDLEWARE
+    from serve_unlearn.serving.vllm.launcher import plan
 
     t_start = time.perf_counter()
     load_before = os.getloadavg()

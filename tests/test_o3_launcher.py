@@ -43,7 +43,7 @@ def test_one_server(registry_with_request, tmp_path, capsys):
                                    "served_model_name": "base"}))
     env, argv = _dry_run(capsys, "--model", "/models/base", "--registry", str(registry_with_request.root),
                          "--config", str(cfg))
-    assert argv[1:5] == ["-m", "serve_unlearn.serving.vllm.vllm_cli", "serve", "/models/base"]
+    assert argv[1:5] == ["-m", "serve_unlearn.serving.vllm.run_vllm_cli", "serve", "/models/base"]
     joined = " ".join(argv)
     assert "--enable-lora --max-lora-rank 64 --max-loras 9 --max-cpu-loras 9" in joined
     assert "--middleware serve_unlearn.serving.vllm.O3Middleware" in joined

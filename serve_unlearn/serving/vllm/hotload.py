@@ -20,8 +20,7 @@ from ...errors import ServerError
 from ...registry import ForgetRegistry
 from .bank import AdapterBank, build_bank
 from .config import VllmServeConfig
-from .launcher import bank_dir
-from .middleware import STATUS_PATH
+from .contract import STATUS_PATH, bank_dir
 from .routing import publish, published_bank
 
 logger = logging.getLogger(__name__)

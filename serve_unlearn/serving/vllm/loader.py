@@ -26,10 +26,9 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from ...errors import PatchMismatchError, UnlearnConfigError
 from ...patches import WeightPatch, stack_patches
 from ...patches.apply import apply_to_tensor
+from .contract import INNER_FORMAT_KEY, OVERLAP_KEY, PATCHES_KEY
 
 logger = logging.getLogger(__name__)
-# our keys in --model-loader-extra-config; everything else goes to vLLM's default loader
-PATCHES_KEY, OVERLAP_KEY, INNER_FORMAT_KEY = "patches", "overlap", "inner_load_format"
 
 
 class PatchingModelLoader(DefaultModelLoader):

@@ -36,11 +36,11 @@ from ...errors import GateInputError
 from ...registry import ForgetRegistry
 from .bank import NAME_PREFIX
 from .config import CONFIG_ENV, REGISTRY_ENV, VllmServeConfig
+from .contract import STATUS_PATH
 from .routing import Routing, load_routing, published_bank
 
 logger = logging.getLogger("serve_unlearn.middleware")
 GATED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
-STATUS_PATH = "/serve-unlearn/status"
 
 
 class _Unscorable(Exception):

