@@ -55,7 +55,7 @@ def run_erase(args) -> int:
     import torch
     from diffusers import DDIMScheduler
 
-    from .attentive_eraser import (
+    from ..pipelines.attentive_eraser import (
         PRESETS,
         StableDiffusionAttentiveEraserPipeline,
         StableDiffusionXLAttentiveEraserPipeline,

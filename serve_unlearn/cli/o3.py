@@ -15,7 +15,7 @@ def _forget(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .forget_request import ForgetConfig, forget, load_forget_records
+    from ..adapters.forget_request import ForgetConfig, forget, load_forget_records
 
     config = ForgetConfig.from_yaml(args.config) if args.config else ForgetConfig()
     records = load_forget_records(args.forget)  # before loading the model: bad data fails fast
@@ -58,8 +58,8 @@ def _add_server_args(parser, what: str) -> None:
 
 
 def _score(args) -> int:
-    from .gate import GateConfig
-    from .served import load_gate
+    from ..adapters.gate import GateConfig
+    from ..adapters.served import load_gate
 
     config = GateConfig.from_yaml(args.gate_config) if args.gate_config else GateConfig()
     gate = load_gate(ForgetRegistry(args.registry, create=False), config)

@@ -6,7 +6,7 @@ import argparse
 
 
 def _vllm(args) -> int:
-    from .launcher import launch
+    from ..serving.vllm.launcher import launch
 
     extra = list(args.vllm_args)
     if extra[:1] == ["--"]:
