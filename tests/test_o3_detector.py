@@ -142,7 +142,7 @@ def test_corrupt_file_with_a_matching_checksum_still_raises(trained, tmp_path):
     shutil.copytree(trained["all"][1], folder)
     (folder / "stats.safetensors").write_bytes(b"\x00" * 64)
     meta = json.loads((folder / "detector.json").read_text())
-    from serve_unlearn.adapters.detector import _sha256
+    from serve_unlearn.adapters.detector.detector import _sha256
 
     meta["files"]["stats.safetensors"] = _sha256(folder / "stats.safetensors")
     (folder / "detector.json").write_text(json.dumps(meta))
