@@ -1,4 +1,4 @@
-"""Kernels: the Triton kernel against ``reference.masked_apply_`` (on CPU through the Triton interpreter), the
+"""Kernels: the Triton kernel against ``masked_apply_torch.masked_apply_`` (on CPU through the Triton interpreter), the
 reference against a naive boolean-index oracle, the dispatch, and the compiled kernel (built for sm_90 here;
 run on CUDA where there is one).
 
@@ -35,7 +35,8 @@ from helpers import (
 )
 
 from serve_unlearn import kernels
-from serve_unlearn.kernels import reference
+from serve_unlearn.kernels import dispatch
+from serve_unlearn.kernels import masked_apply_torch as reference
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [1, 7, 8, 9, 1000, 4099, (5, 123, 123)]
@@ -289,7 +290,7 @@ def test_explicit_triton_on_cpu_without_interpreter_raises():
 
 
 def test_explicit_triton_without_triton_raises(monkeypatch):
-    monkeypatch.setattr(kernels, "is_triton_available", lambda: False)
+    monkeypatch.setattr(dispatch, "is_triton_available", lambda: False)
     weight, _, packed, values = _case(64, torch.float32, 0.5)
     with pytest.raises(RuntimeError, match="not installed"):
         kernels.masked_apply_(weight, packed, values, impl="triton")

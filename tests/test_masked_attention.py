@@ -16,7 +16,7 @@ import torch
 from helpers import compile_sm90, compiled_only, interp_only, interpreter_suite, kernel_module, needs_triton
 
 from serve_unlearn import kernels
-from serve_unlearn.kernels import MASKED_ATTENTION_BACKENDS, empty_keep_rows, masked_attention
+from serve_unlearn.kernels import MASKED_ATTENTION_BACKENDS, dispatch, empty_keep_rows, masked_attention
 
 # the package's ``masked_attention`` attribute is the function, which shadows the module of the same name
 ma = importlib.import_module("serve_unlearn.kernels.masked_attention")
@@ -202,7 +202,7 @@ def test_auto_on_cpu_is_sdpa_gather(monkeypatch):
 
 
 def test_explicit_triton_without_triton_raises(monkeypatch):
-    monkeypatch.setattr(kernels, "is_triton_available", lambda: False)
+    monkeypatch.setattr(dispatch, "is_triton_available", lambda: False)
     q, k, v, keep, qs = _case("shared", torch.float32, 40)
     with pytest.raises(RuntimeError, match="not installed"):
         masked_attention(q, k, v, keep, qs, backend="triton")

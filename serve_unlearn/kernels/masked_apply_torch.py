@@ -1,4 +1,4 @@
-"""Plain-torch twins of the patch kernels: the test oracle and the CPU path.
+"""The torch side of ``masked_apply_``: the bit-packed mask format and the reference (test oracle, CPU path).
 
 A mask is bit-packed little-endian (bit ``i % 8`` of byte ``i // 8`` is element ``i`` of the row-major flatten,
 ``numpy.packbits(bitorder="little")``), so it costs n/8 bytes and never exists as an int64 tensor.
