@@ -11,6 +11,7 @@ import json
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch
 from .errors import UnlearnDataError
 from .fingerprint import tensor_digest
 
-__all__ = ["data_digest", "index_batches", "load_data", "load_jsonl", "load_npz", "require_examples"]
+__all__ = ["as_records", "data_digest", "index_batches", "load_data", "load_jsonl", "load_npz", "require_examples"]
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
@@ -56,6 +57,16 @@ def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def load_data(path: str | Path):
     return load_npz(path) if str(path).endswith(".npz") else load_jsonl(path)
+
+
+def as_records(data: Any) -> list:
+    """A data set as a list of records to digest: the tensors of an ``(x, y)`` pair, the values of a dict of
+    tensors in key order, or the records of a list."""
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
+        return list(data)
+    if isinstance(data, dict):
+        return [data[k] for k in sorted(data)]
+    return list(data)
 
 
 def data_digest(records: Iterable[object]) -> str:
