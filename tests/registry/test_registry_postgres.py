@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import test_o3_registry as sqlite_suite
+import test_forget_registry as sqlite_suite
 from pg_server import free_port
 
 from serve_unlearn.errors import RegistryError, UnlearnConfigError

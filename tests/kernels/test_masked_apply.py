@@ -38,7 +38,7 @@ from serve_unlearn import kernels
 from serve_unlearn.kernels import dispatch
 from serve_unlearn.kernels import masked_apply_torch as reference
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZES = [1, 7, 8, 9, 1000, 4099, (5, 123, 123)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DENSITIES = {"empty": 0.0, "1%": 0.01, "50%": 0.5, "full": 1.0}

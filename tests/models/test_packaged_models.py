@@ -13,7 +13,7 @@ import pytest
 from serve_unlearn.eval import chat_prompt, is_correct, load_qa, qa_accuracy
 from serve_unlearn.models import ModelPrepError, minilm_path, prepare_smollm2
 
-DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
+DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 FORGET, RETAIN = DATA / "smollm2_forget.jsonl", DATA / "smollm2_retain.jsonl"
 
 

@@ -31,7 +31,7 @@ from serve_unlearn.serving.vllm.config import VllmServeConfig
 from serve_unlearn.serving.vllm.hotload import load_into_server
 
 pytestmark = [pytest.mark.vllm, pytest.mark.real_model, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 PORT = 8765
 URL = f"http://127.0.0.1:{PORT}"
 ADMIN = "test-admin-token"
