@@ -1,5 +1,5 @@
-"""Kernels: the Triton kernel against ``masked_apply_torch.masked_apply_`` (on CPU through the Triton interpreter), the
-reference against a naive boolean-index oracle, the dispatch, and the compiled kernel (built for sm_90 here;
+"""masked_apply_: the Triton kernel against ``masked_apply_torch.masked_apply_`` (on CPU through the Triton
+interpreter), the torch reference against a naive boolean-index oracle, the dispatch, and the compiled kernel (built for sm_90 here;
 run on CUDA where there is one).
 
 How the interpreter tests run. Triton must see ``TRITON_INTERPRET=1`` before ``import triton``: the @jit
@@ -8,10 +8,10 @@ our module decides when the module is imported. A process that mixes the two bre
 compiled-mode import of ``triton.experimental.gluon`` asserts on interpreted ``tl.standard`` functions), and
 setting the variable at the top of this file is too late whenever anything imported triton earlier in the
 session; it would also leak into later tests and the vLLM subprocesses they start. So the ``test_interp_*``
-tests run in a fresh ``pytest -k test_interp_`` subprocess started with ``TRITON_INTERPRET=1`` in its
-environment (``test_interpreter_suite``), and are skipped in a process that was not started that way. Run them
-directly with ``TRITON_INTERPRET=1 pytest tests/test_kernels.py -k test_interp_``. The compiled-kernel tests
-need the opposite and skip under the interpreter.
+tests (marker ``interp``) run in their own pytest started with ``TRITON_INTERPRET=1`` in its environment:
+``make test`` runs ``TRITON_INTERPRET=1 pytest tests/kernels -m interp`` before the main run, and every process
+not started that way deselects them (conftest.py). The compiled-kernel tests need the opposite and skip under the
+interpreter.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from helpers import (
     compile_sm90,
     compiled_only,
     interp_only,
-    interpreter_suite,
     kernel_module,
     needs_triton,
 )
@@ -343,11 +342,6 @@ def test_interp_dispatch_explicit_triton_on_cpu(tri, monkeypatch, mode):
     assert calls == [1]
     assert torch.equal(bits(actual), bits(expected))
 
-
-# ------------------------------------------------------------------------------------------- the interpreter
-
-
-test_interpreter_suite = interpreter_suite(__file__)  # the test_interp_* tests, under TRITON_INTERPRET=1 (see top)
 
 
 # ------------------------------------------------------------------------------------------------- compiled

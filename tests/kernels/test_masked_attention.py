@@ -2,9 +2,9 @@
 two-softmax-and-select formulation, the errors, the dispatch, and the Triton kernel (interpreted on CPU,
 compiled for sm_90 without a GPU, run on CUDA where there is one).
 
-The ``test_interp_*`` tests need a process started with ``TRITON_INTERPRET=1`` (why: tests/test_kernels.py's
-docstring); ``test_interpreter_suite`` runs them in such a child pytest. Run them directly with
-``TRITON_INTERPRET=1 pytest tests/test_masked_attention.py -k test_interp_``.
+The ``test_interp_*`` tests (marker ``interp``) need a process started with ``TRITON_INTERPRET=1`` (why:
+test_masked_apply.py's docstring); ``make test`` runs them as their own pytest, ``TRITON_INTERPRET=1 pytest
+tests/kernels -m interp``, and every other run deselects them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import compile_sm90, compiled_only, interp_only, interpreter_suite, kernel_module, needs_triton
+from helpers import compile_sm90, compiled_only, interp_only, kernel_module, needs_triton
 
 from serve_unlearn import kernels
 from serve_unlearn.kernels import MASKED_ATTENTION_BACKENDS, dispatch, empty_keep_rows, masked_attention
@@ -284,8 +284,6 @@ def test_interp_explicit_triton_rejects_head_dims_above_256(tri):
     with pytest.raises(RuntimeError, match="head dim 288"):
         masked_attention(q, k, v, keep, qs, backend="triton")
 
-
-test_interpreter_suite = interpreter_suite(__file__)  # the test_interp_* tests, under TRITON_INTERPRET=1 (see top)
 
 
 # ------------------------------------------------------------------------------------------ triton, compiled
