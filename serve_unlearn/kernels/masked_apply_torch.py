@@ -4,13 +4,12 @@ A mask is bit-packed little-endian (bit ``i % 8`` of byte ``i // 8`` is element 
 ``numpy.packbits(bitorder="little")``), so it costs n/8 bytes and never exists as an int64 tensor.
 Work is chunked so the temporaries (an unpacked bool chunk, its indices) stay bounded whatever the tensor size.
 
-Speed notes (CPU, torch 2.13; ``benchmarks/patch_apply.py``): a reduction of bool/uint8 with an int64
-accumulator (``mask.sum()``, ``x.sum(dtype=torch.int64)``) takes a slow path, ~30x slower than accumulating in
-int32, so counts are taken on the packed bytes in int32 per chunk; unpacking is one 256-entry table lookup per
-byte instead of a broadcast shift over n elements. Writing is then the cost: ``masked_scatter_`` and
-``nonzero`` walk the mask serially with one branch per element, which mispredicts at mid densities (~4-5 ns
-per element at 50 %, as is ``torch.where`` with a bool condition), so dense chunks take a branch-free path
-instead.
+Speed notes (CPU; the figures are in the README, ``benchmarks/patch_apply.py``): a reduction of bool/uint8 with
+an int64 accumulator (``mask.sum()``, ``x.sum(dtype=torch.int64)``) takes a slow path, far slower than
+accumulating in int32, so counts are taken on the packed bytes in int32 per chunk; unpacking is one 256-entry
+table lookup per byte instead of a broadcast shift over n elements. Writing is then the cost: ``masked_scatter_``
+and ``nonzero`` walk the mask serially with one branch per element, which mispredicts at mid densities (as does
+``torch.where`` with a bool condition), so dense chunks take a branch-free path instead.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import torch
 # 1M elements per chunk: the dense path's temporaries (bool chunk 1 MiB, int32 ranks, gathered values, the bit
 # blend) stay near 16 MiB and cache-friendly; bigger chunks measured slower, smaller ones pay per-op overhead.
 CHUNK_ELEMS = 1 << 20
-# chunks at least this full take the branch-free dense path (crossover measured between 10 % and 30 %)
+# chunks at least this full take the branch-free dense path (the measured crossover is in the README)
 _DENSE_FRACTION = 0.25
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 # byte value -> its 8 bits as 8 bytes of 0/1, held as one int64 so a single index_select unpacks 8 elements;
@@ -136,7 +135,7 @@ def _apply_chunk(seg, packed, numel, start, stop, v, mode):
     elif mode == "replace":
         seg.masked_scatter_(m, v.to(seg.dtype))
     else:
-        # nonzero + index_select/index_copy_ beat seg[m] + masked_scatter_ (two serial mask walks) by ~1.5x
+        # nonzero + index_select/index_copy_ beat seg[m] + masked_scatter_ (two serial mask walks; README)
         idx = m.nonzero().squeeze(1)
         cur = seg.index_select(0, idx).to(torch.float32)
         seg.index_copy_(0, idx, (cur + v.to(torch.float32)).to(seg.dtype))

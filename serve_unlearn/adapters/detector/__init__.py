@@ -1,6 +1,6 @@
 """O3's per-request out-of-distribution detector: does a prompt look like the data of this forget request?
 
-Method (O3, "unlearning knowledge detection"; see ``shared/research/o3_serving.md`` §1):
+Method (O3's "unlearning knowledge detection": the out-of-distribution detector of each forget request):
 
 1. An encoder backbone (default: the packaged all-MiniLM-L6-v2; any HF encoder such as roberta-large by path) gets a
    LoRA on query/key/value, trained with O3's contrastive entropy loss (CEL): for each layer after the embeddings,
@@ -24,22 +24,22 @@ Deviations from the reference code, each for a reason:
 - *Shrinkage covariance* (Ledoit-Wolf) instead of the empirical one: a request has tens of texts and d >= 384.
 - *The local term is added*, not subtracted: the reference writes ``g - gamma*cos``, but a linear one-class SVM's
   weights are a non-negative combination of the training score vectors, so with ``-gamma*cos`` a closer nearest
-  neighbour *lowers* d_H while a higher density raises it, and the terms cancel (AUROC 0.57 on our chemistry
-  sample, 0.994 with ``+``). For the same reason the SVM sees the scores translated so that the least is positive
+  neighbour *lowers* d_H while a higher density raises it, and the terms cancel (the AUROC with each sign is in
+  the README). For the same reason the SVM sees the scores translated so that the least is positive
   (``glocal.LinearOCSVM``).
 - *A background of ordinary prompts* (``DetectorConfig.background``; default: 480 packaged prompts over 48
   domains, none of them close to our evaluation data): the local term is the nearest forget text's cosine *minus*
   the nearest background prompt's, so a prompt that shares only the forget data's question template ("What is a
-  group of stars called?" against "What is a group of crows called?") is not taken for the topic. On our two
-  SmolLM2 requests this cut retain prompts above w_raw 0.3 from 6-9% to 0-3% and raised held-out paraphrases
-  above 0.45 from 86-87% to 96% (``glocal``). ``background: null`` is O3's purely one-class score.
+  group of stars called?" against "What is a group of crows called?") is not taken for the topic; fewer retain
+  prompts get a high w_raw and more held-out paraphrases do (measured in the README; ``glocal``).
+  ``background: null`` is O3's purely one-class score.
 - *Out-of-fold scores* for fitting the SVM and for mu1 (``glocal.crossfit_parts``): in-sample, each text is its
   own nearest neighbour and sits inside its own Gaussian, which no new prompt does.
 - *A one-sided test*: p(d) = 1 for d >= x0, so a prompt more typical than the forget data is never down-weighted
   (the reference's two-sided test did), and w_raw is monotone non-decreasing in d_H.
 - *LoRA on the top layer only* by default (``DetectorConfig.lora_layers``; ``None`` = every layer as O3), so an
   ensemble runs the layers below once for all requests (see :class:`DetectorEnsemble`). On MiniLM with a few
-  dozen texts the CEL-trained LoRA moves AUROC by less than 0.002 either way; the glocal score does the work.
+  dozen texts the CEL-trained LoRA barely moves AUROC either way (README); the glocal score does the work.
 
 Data needed: at least 12 distinct forget texts with the defaults (``MIN_CALIBRATION`` = 4 held out to calibrate,
 ``MIN_FIT`` = 8 to fit the LoRA, the Gaussians and the SVM); a few dozen give a useful detector.

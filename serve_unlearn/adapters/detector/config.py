@@ -25,8 +25,8 @@ class DetectorConfig(StrictConfig):
     lora_dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "key", "value"], min_length=1)
     # LoRA on the top k layers only, so an ensemble runs the layers below once for all requests; None = every
-    # layer (O3), 0 = no LoRA (the glocal score of the frozen backbone). 1 on MiniLM: AUROC equal to every layer's
-    # on our sample data, while 5 requests cost ~1.7x one instead of ~2.3-4.8x (benchmarks/o3_gate_latency.py)
+    # layer (O3), 0 = no LoRA (the glocal score of the frozen backbone). 1 on MiniLM: the AUROC of a LoRA on every
+    # layer, while each extra request costs a fraction as much (README; benchmarks/o3_gate_latency.py)
     lora_layers: int | None = Field(1, ge=0)
     # training: O3's TOFU lr (1e-4; its ScienceQA 1e-5 moves a LoRA too little in the few steps a small request
     # gives), batch 8, warm-up 6%, weight decay 0.01; 3 epochs because a request has tens of texts, not thousands
@@ -40,10 +40,9 @@ class DetectorConfig(StrictConfig):
     # scoring: see `gamma` below; nu as O3's ScienceQA detector
     gamma: float = Field(
         4000.0, ge=0,
-        description="weight of the nearest-neighbour cosine against the Gaussian log-density. On MiniLM the "
-                    "log-density of new text moves by ~800 between the forget topic and other text (spread "
-                    "~200) while the cosine moves by ~0.2 (spread ~0.05), so 4000 gives both terms about the "
-                    "same pull")
+        description="weight of the nearest-neighbour cosine against the Gaussian log-density: between the "
+                    "forget topic and other text, MiniLM's log-density moves some thousands of times as much as "
+                    "the cosine (figures in the README), so 4000 gives both terms about the same pull")
     nu: float = Field(0.1, gt=0, le=1, description="one-class SVM: the fraction of forget texts allowed outside")
     background: str | None = Field(
         "builtin",
