@@ -47,6 +47,7 @@ def test_stack_patches_checks_overlap_before_the_single_patch_shortcut(one_patch
     assert stack_patches([one_patch], overlap="error").patch_id == WeightPatch.load(one_patch).patch_id
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # importing vLLM warns about torch.jit
 def test_the_loader_refuses_a_bogus_overlap_before_reading_any_patch(tmp_path):
     pytest.importorskip("vllm")
     from vllm.config.load import LoadConfig
