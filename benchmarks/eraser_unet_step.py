@@ -9,7 +9,7 @@ interleaved rounds, keeping each configuration's fastest round and largest peak,
   self-attention (the reference's layers 7..15), similarity suppression on (the costliest phase), for the
   ``reference``, ``sdpa_mask`` and ``sdpa_gather`` backends (``triton`` too with ``--device cuda``).
 
-The mask is the central 25% of the image (as in the research note's measurements). Latency: mean of ``--steps``
+The mask is the central 25% of the image (a typical object to remove). Latency: mean of ``--steps``
 UNet forwards after one warm-up (best round). Memory: on CPU, the peak RSS (VmHWM, reset through
 /proc/self/clear_refs after the warm-up) minus the RSS before the timed forwards; on CUDA,
 ``max_memory_allocated`` minus the allocation before.

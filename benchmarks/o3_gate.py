@@ -107,9 +107,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from serve_unlearn.adapters.forget_request import ForgetConfig, forget
-    from serve_unlearn.adapters.registry import ForgetRegistry
     from serve_unlearn.eval.qa import load_qa, qa_accuracy
     from serve_unlearn.models.packaged import prepare_smollm2
+    from serve_unlearn.registry import ForgetRegistry
     from serve_unlearn.serving import GatedGenerator
 
     torch.manual_seed(0)

@@ -329,10 +329,11 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["SERVE_UNLEARN_ADMIN_TOKEN"] = ADMIN  # the server's admin secret, and this hot-load client's
 
-    from serve_unlearn.adapters.registry import ForgetRegistry
+    from serve_unlearn.registry import ForgetRegistry
     from serve_unlearn.serving.vllm.bank import bank_name
     from serve_unlearn.serving.vllm.config import VllmServeConfig
-    from serve_unlearn.serving.vllm.launcher import MIDDLEWARE, plan
+    from serve_unlearn.serving.vllm.contract import MIDDLEWARE
+    from serve_unlearn.serving.vllm.launcher import plan
 
     t_start = time.perf_counter()
     load_before = os.getloadavg()

@@ -12,7 +12,7 @@ Methods (each gives an unlearned model, compared with Retrain, the gold standard
   the returned patch applied to a copy of the original;
 - IAU: ``serve_unlearn.patches.iau.iau`` (one ``adam1`` step), the patch applied to a copy of the original.
 
-Metrics (percent, as SalUn's ``evaluation/SVC_MIA.py``; see docs in the research notes §2.10): UA = 100 − forget
+Metrics (percent, as SalUn's own ``evaluation/SVC_MIA.py``): UA = 100 − forget
 accuracy, RA = retain accuracy, TA = test accuracy, MIA = MIA-efficacy (SVC on the true-label softmax confidence,
 shadow members = the first |test| retain samples, non-members = the test set; fraction of forget samples predicted
 non-member), Avg. Gap = mean |method − Retrain| over the four, and the wall time of the unlearning procedure.
@@ -170,7 +170,7 @@ def svc_mia(member_conf: np.ndarray, nonmember_conf: np.ndarray, target_conf: np
 
 
 def mia_efficacy(model: nn.Module, forget: Data, retain: Data, test: Data) -> float:
-    """MIA-efficacy (§2.10): shadow members = the first |test| retain samples, non-members = the test set."""
+    """MIA-efficacy: shadow members = the first |test| retain samples, non-members = the test set."""
     n = len(test[1])
     shadow_in = (retain[0][:n], retain[1][:n])
     return svc_mia(true_label_confidence(model, shadow_in), true_label_confidence(model, test),

@@ -44,10 +44,6 @@ class GateInputError(ServeUnlearnError, TypeError):
     """A prompt given to the gate is not text (a string, a list of strings, or chat messages)."""
 
 
-class GateError(ServeUnlearnError, RuntimeError):
-    """Scoring a prompt failed and the gate is configured to fail open-with-error rather than closed."""
-
-
 class ServerError(ServeUnlearnError, RuntimeError):
     """A running vLLM server refused or failed an operation (e.g. runtime LoRA loading is not enabled)."""
 

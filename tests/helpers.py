@@ -12,9 +12,9 @@ from serve_unlearn import kernels
 REPO = Path(__file__).resolve().parents[1]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # this process started in interpreter mode
 needs_triton = pytest.mark.skipif(not kernels.is_triton_available(), reason="triton is not installed")
-interp_only = pytest.mark.skipif(
-    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite"
-)
+# Triton kernel tests that need a process started with TRITON_INTERPRET=1: `make test` runs them as their own
+# pytest (TRITON_INTERPRET=1 pytest tests/kernels -m interp); any other run deselects them (conftest.py)
+interp_only = pytest.mark.interp
 compiled_only = pytest.mark.skipif(INTERPRETED, reason="needs a process without TRITON_INTERPRET")
 
 
@@ -58,38 +58,3 @@ def compile_sm90(kernel, signature: dict, constants: dict, **options):
                               options=options or None)
     assert compiled.asm.get("cubin")
     return compiled
-
-
-def run_interpreter_suite(test_file: str) -> None:
-    """Run ``test_file``'s ``test_interp_*`` tests in a fresh pytest started with TRITON_INTERPRET=1.
-
-    Triton decides interpreted vs compiled when it is imported, so those tests cannot share a process with the
-    compiled ones (see tests/test_kernels.py's docstring).
-    """
-    import re
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SERVE_UNLEARN_KERNEL_IMPL")}
-    env["TRITON_INTERPRET"] = "1"
-    here = str(Path(test_file).resolve().relative_to(REPO))
-    args = ["-m", "pytest", here, "-k", "test_interp_", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    print(f"interpreter subprocess: {summary}")
-    assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
-    assert re.search(r"\d+ passed", summary) and "skipped" not in summary and "deselected" in summary, summary
-
-
-def interpreter_suite(test_file: str):
-    """``test_file``'s ``test_interpreter_suite``: a test that runs its ``test_interp_*`` tests through
-    ``run_interpreter_suite``, from a compiled-mode process where triton is installed."""
-
-    @compiled_only
-    @needs_triton
-    def test_interpreter_suite():
-        """Runs the ``test_interp_*`` tests in a fresh process started with TRITON_INTERPRET=1."""
-        run_interpreter_suite(test_file)
-
-    return test_interpreter_suite

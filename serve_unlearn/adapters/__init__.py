@@ -1,6 +1,8 @@
-"""O3: per-request unlearning LoRAs, OOD detectors that gate them, and the registry of forget requests.
+"""O3: per-request unlearning LoRAs and the OOD detectors that gate them, trained per forget request.
 
 Exports resolve lazily: ``from serve_unlearn.adapters import ForgetRegistry`` does not import torch or peft.
+``ForgetRegistry``, ``ForgetRequest`` and ``Staging`` live in :mod:`serve_unlearn.registry`; they are re-exported
+here, where O3 first documented them.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ForgetRegistry": ".registry", "ForgetRequest": ".registry", "Staging": ".registry",
+    "ForgetRegistry": "..registry", "ForgetRequest": "..registry", "Staging": "..registry",
     "Gate": ".gate", "GateConfig": ".gate", "GateDecision": ".gate", "GatePolicy": ".gate",
     "ForgetConfig": ".forget_request", "forget": ".forget_request", "load_forget_records": ".forget_request",
     "UnlearnLoraConfig": ".orthogonal_lora", "concat_adapters": ".orthogonal_lora",

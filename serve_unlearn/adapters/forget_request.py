@@ -19,18 +19,17 @@ from pathlib import Path
 
 from pydantic import Field
 
+from ..config import StrictConfig
+from ..data import data_digest, load_jsonl
 from ..errors import UnlearnDataError
-from ..patches.config import _Strict
-from ..patches.fingerprint import data_digest
-from ..patches.inputs import load_jsonl
+from ..registry import ForgetRegistry, ForgetRequest
 from .detector import DetectorConfig, OODDetector
 from .orthogonal_lora import UnlearnLoraConfig, check_adapter_base, concat_adapters, train_unlearning_lora
-from .registry import ForgetRegistry, ForgetRequest
 
 logger = logging.getLogger(__name__)
 
 
-class ForgetConfig(_Strict):
+class ForgetConfig(StrictConfig):
     """How a forget request is trained: its detector and its unlearning LoRA (YAML: ``configs/o3_forget.yaml``)."""
 
     detector: DetectorConfig = Field(default_factory=DetectorConfig)

@@ -20,8 +20,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from ..config import StrictConfig
 from ..errors import GateInputError
-from ..patches.config import _Strict
 from .gate_text import Prompt, prompt_segments, score_windows
 
 logger = logging.getLogger("serve_unlearn.gate")
@@ -30,7 +30,7 @@ logger = logging.getLogger("serve_unlearn.gate")
 Scorer = Callable[[list[str]], np.ndarray]
 
 
-class GatePolicy(_Strict):
+class GatePolicy(StrictConfig):
     """w (max calibrated weight) -> LoRA scale; every kind is monotone non-decreasing in w.
 
     - ``threshold``: ``max_scale`` when w >= ``threshold``, else 0 (the hard gate).
@@ -67,7 +67,7 @@ class GatePolicy(_Strict):
         return s * self.max_scale
 
 
-class GateConfig(_Strict):
+class GateConfig(StrictConfig):
     policy: GatePolicy = GatePolicy()
     fail_closed: bool = True
     timeout_s: float | None = Field(10.0, gt=0)   # a prompt not scored by then fails closed (its work is dropped)

@@ -99,7 +99,7 @@ def crossfit_parts(feats: torch.Tensor, folds: int, seed: int,
     """Out-of-fold (g, c), each (N, L), of the fitted texts themselves.
 
     Scored in-sample, every text finds itself in the bank (cosine 1) and sits inside a Gaussian fitted on it
-    (on MiniLM its log-density is about 10x higher than a new text's from the same topic), so the SVM and mu1
+    (its log-density far above a new text's from the same topic; README), so the SVM and mu1
     would describe a distribution no new prompt comes from. K-fold scores look like new forget-like text.
     """
     n = feats.shape[1]

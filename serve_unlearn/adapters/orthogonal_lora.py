@@ -27,20 +27,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..causal_lm import CausalLMTask
+from ..config import StrictConfig
 from ..errors import ArtifactError, UnlearnDataError
-from ..patches.config import _Strict
-from ..patches.fingerprint import base_fingerprint, tensor_digest
-from ..patches.tasks import CausalLMTask
+from ..fingerprint import base_fingerprint, tensor_digest
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_INFO = "serve_unlearn_adapter.json"  # our provenance record beside peft's files
 
 
-class UnlearnLoraConfig(_Strict):
-    """Defaults follow the research note's §8.8 (r 8, α 16, dropout 0.05, every linear projection, λ 0.1), except
-    lr 1e-3 for 3 epochs instead of 3e-4 for 10: a request is a few dozen prompts, and refusal targets are learnt
-    in 3 epochs at that lr (on SmolLM2-135M the CE falls from ~1.9 to ~0.3), at a third of the CPU time."""
+class UnlearnLoraConfig(StrictConfig):
+    """Defaults: r 8, α 16, dropout 0.05 on every linear projection, λ 0.1, and lr 1e-3 for 3 epochs rather than
+    3e-4 for 10: a request is a few dozen prompts, and refusal targets are learnt in 3 epochs at that lr (the CE
+    on SmolLM2-135M is in the README), at a third of the CPU time."""
 
     mode: Literal["per-request", "cumulative"] = "per-request"
     r: int = Field(8, ge=1)

@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 
 from ..errors import ArtifactError
+from ..registry import ForgetRegistry, ForgetRequest
 from .gate import Gate, GateConfig
 from .orthogonal_lora import adapter_requests, concat_adapters
-from .registry import ForgetRegistry, ForgetRequest
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
-"""Triton twin of :func:`serve_unlearn.kernels.reference.masked_apply_`: one pass over the weight, in place.
+"""Triton twin of :func:`serve_unlearn.kernels.masked_apply_torch.masked_apply_`: one pass over the weight, in
+place.
 
 This module imports triton at the top, so it is importable only where triton is installed; callers import it
-inside a function (see ``serve_unlearn.kernels.masked_apply_``), which keeps ``import serve_unlearn.kernels``
+inside a function (see ``serve_unlearn.kernels.dispatch``), which keeps ``import serve_unlearn.kernels``
 free of triton. On CPU tensors it runs only under the interpreter: ``TRITON_INTERPRET=1`` must be in the
 environment when this module is first imported, because Triton picks interpreted or compiled as
 ``@triton.jit`` runs (``is_interpreted()`` says which one this process got).
@@ -128,7 +129,7 @@ def masked_apply_triton_(
     *,
     block: int = BLOCK,
 ) -> torch.Tensor:
-    """Triton version of ``reference.masked_apply_`` (same arguments, same result, same errors).
+    """Triton version of ``masked_apply_torch.masked_apply_`` (same arguments, same result, same errors).
 
     ``block`` is exposed for the interpreter tests, where a small block keeps odd sizes spanning several
     programs; leave it at the default on a GPU.

@@ -5,15 +5,10 @@
 ``keep`` (B, N_k) bars keys per sample (True = may be attended); ``query_scale`` (B, N_q) is the similarity
 suppression factor (lambda on foreground queries, 1 elsewhere). Because (lambda q_i) . k_j = lambda (q_i . k_j),
 AE's two full softmaxes plus a row select are one attention call with pre-scaled queries, and the -inf key bias
-is attention over the kept keys alone, so the backends below are all exact rewrites of one formula:
-
-- ``reference``: explicit fp32 logits plus an additive -inf bias. The oracle; O(N_q * N_k) memory.
-- ``sdpa_mask``: ``F.scaled_dot_product_attention`` with a broadcast (B, 1, 1, N_k) bool mask. Static shapes
-  (``torch.compile``-friendly), but pays for every key.
-- ``sdpa_gather``: SDPA over the gathered kept keys; FLOPs and memory scale with N_kept / N_k and flash
-  kernels stay eligible (no mask). One host sync for the indices.
-- ``triton``: a fused FlashAttention-2-style forward that skips key tiles with no kept key
-  (``masked_attention_triton``).
+is attention over the kept keys alone, so the backends are all exact rewrites of one formula: ``reference``,
+``sdpa_mask`` and ``sdpa_gather`` in torch (``masked_attention_torch``), and ``triton``, a fused
+FlashAttention-2-style forward that skips key tiles with no kept key (``masked_attention_triton``). This module
+validates the inputs and picks the backend (Triton by the rule in ``dispatch``).
 
 Inputs are 4-D (B, H, N, D): on CPU, SDPA with 3-D inputs falls back to a kernel that materialises the full
 score matrix.
@@ -24,7 +19,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from .dispatch import refuse, triton_kernel
+from .masked_attention_torch import reference, sdpa_gather, sdpa_mask
+
+__all__ = ["MASKED_ATTENTION_BACKENDS", "empty_keep_rows", "masked_attention"]
 
 MASKED_ATTENTION_BACKENDS = ("auto", "reference", "sdpa_mask", "sdpa_gather", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -92,54 +91,18 @@ def _validate(q, k, v, keep, query_scale) -> None:
         )
 
 
-def _scaled_queries(q: torch.Tensor, query_scale: torch.Tensor | None) -> torch.Tensor:
-    """q with row i multiplied by qs_i: (qs_i q_i) . k_j = qs_i (q_i . k_j), so SDPA needs no per-row scale."""
-    return q if query_scale is None else q * query_scale[:, None, :, None].to(q.dtype)
-
-
-def _reference(q, k, v, keep, query_scale, scale):
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if query_scale is not None:
-        logits *= query_scale.float()[:, None, :, None]
-    bias = torch.zeros(keep.shape, dtype=torch.float32, device=q.device).masked_fill_(~keep, float("-inf"))
-    logits += bias[:, None, None, :]
-    return torch.matmul(torch.softmax(logits, dim=-1), v.float()).to(q.dtype)
-
-
-def _sdpa_mask(q, k, v, keep, query_scale, scale):
-    q = _scaled_queries(q, query_scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], scale=scale)
-
-
-def _sdpa_gather(q, k, v, keep, query_scale, scale):
-    q = _scaled_queries(q, query_scale)
-    if bool((keep == keep[:1]).all()):  # one mask for the batch (the usual case): one call
-        idx = keep[0].nonzero().flatten()
-        if idx.numel() < k.shape[2]:
-            k, v = k.index_select(2, idx), v.index_select(2, idx)
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    out = torch.empty_like(q)
-    for b in range(q.shape[0]):  # masks differ: kept counts differ, so one call per sample (B is small)
-        idx = keep[b].nonzero().flatten()
-        kb, vb = k[b : b + 1].index_select(2, idx), v[b : b + 1].index_select(2, idx)
-        out[b : b + 1] = F.scaled_dot_product_attention(q[b : b + 1], kb, vb, scale=scale)
-    return out
-
-
 def _triton_backend(q: torch.Tensor, explicit: bool):
     """The Triton host function when it can run on ``q``; else None (auto) or RuntimeError (explicit)."""
-    from . import _refuse, _triton_kernel_module
-
     refusal = "backend='triton' cannot run: {}; or use backend='sdpa_gather'"
-    tri = _triton_kernel_module("masked_attention_triton", q.device, explicit, refusal, "the inputs are")
+    tri = triton_kernel("masked_attention_triton", q.device, explicit, refusal, "the inputs are")
     if tri is None:
         return None
     if q.shape[-1] > tri.MAX_HEAD_DIM:
-        return _refuse(explicit, refusal, f"head dim {q.shape[-1]} is above the kernel's {tri.MAX_HEAD_DIM}")
+        return refuse(explicit, refusal, f"head dim {q.shape[-1]} is above the kernel's {tri.MAX_HEAD_DIM}")
     return tri.masked_attention_triton
 
 
-_TORCH_BACKENDS = {"reference": _reference, "sdpa_mask": _sdpa_mask, "sdpa_gather": _sdpa_gather}
+_TORCH_BACKENDS = {"reference": reference, "sdpa_mask": sdpa_mask, "sdpa_gather": sdpa_gather}
 
 
 def masked_attention(

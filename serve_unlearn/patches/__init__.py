@@ -1,8 +1,8 @@
 """Weight patches: the format, apply / revert / stack, and checkpoint folders patched on disk."""
 
 from ..errors import PatchFormatError, PatchMismatchError, PatchStateError
+from ..fingerprint import base_fingerprint, tensor_digest
 from .apply import apply_patch, revert_patch, stack_patches
-from .fingerprint import base_fingerprint, tensor_digest
 from .format import FORMAT_VERSION, PatchEntry, WeightPatch
 from .materialize import materialize
 

@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from ..errors import PatchMismatchError, PatchStateError
+from ..fingerprint import tensor_digest
 from ..kernels import pack_mask, unpack_mask
-from .fingerprint import tensor_digest
 from .format import PatchEntry, WeightPatch, dtype_name
 
 PatchLike = WeightPatch | str | os.PathLike
 Target = nn.Module | MutableMapping[str, torch.Tensor]
 Overlap = Literal["last", "error"]
+OVERLAPS: tuple[Overlap, ...] = ("last", "error")
 
 
 
@@ -216,6 +217,8 @@ def stack_patches(patches: Sequence[PatchLike], overlap: Overlap = "last") -> We
     last patch in the list (``"error"`` refuses any overlap); ``add`` patches sum their deltas. Patches must agree
     on the mode and on the base digest of every tensor they share.
     """
+    if overlap not in OVERLAPS:  # checked first: a single patch must not let a bad value through
+        raise ValueError(f"overlap must be 'last' or 'error', got {overlap!r}")
     patches = [as_patch(p) for p in patches]
     if not patches:
         raise ValueError("stack_patches needs at least one patch")
@@ -225,8 +228,6 @@ def stack_patches(patches: Sequence[PatchLike], overlap: Overlap = "last") -> We
     if len(modes) != 1:
         raise PatchMismatchError(f"cannot stack patches of different modes {sorted(modes)}; stack them separately")
     mode = modes.pop()
-    if overlap not in ("last", "error"):
-        raise ValueError(f"overlap must be 'last' or 'error', got {overlap!r}")
     names = sorted({n for p in patches for n in p.entries})
     entries: dict[str, PatchEntry] = {}
     for name in names:

@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from ..errors import UnlearnConfigError
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides):
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.validate_dict(data, where=str(path))
-
-    @classmethod
-    def validate_dict(cls, data: dict, where: str = "config"):
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise UnlearnConfigError(f"invalid {cls.__name__} in {where}:\n{exc}") from exc
+from ..config import StrictConfig
 
 
-class SalUnConfig(_Strict):
+class SalUnConfig(StrictConfig):
     """SalUn: saliency mask on the forget loss, then target-swapping training confined to the mask.
 
     Defaults (lr 1e-5, batch 8) suit language models; small classifiers need a larger lr (e.g. 3e-4 with Adam).
@@ -51,7 +32,7 @@ class SalUnConfig(_Strict):
     seed: int = 0
 
 
-class IAUConfig(_Strict):
+class IAUConfig(StrictConfig):
     """IAU: one update from g = ∇[mean retain loss − mean forget loss] at the original weights."""
 
     lr: float = Field(1e-3, gt=0.0)

@@ -28,8 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import PatchFormatError, PatchMismatchError
+from ..fingerprint import base_fingerprint, tensor_digest
 from ..kernels import masked_apply_, masked_gather, pack_mask, popcount
-from .fingerprint import base_fingerprint, tensor_digest
 
 FORMAT_NAME = "serve-unlearn-patch"
 FORMAT_VERSION = 1

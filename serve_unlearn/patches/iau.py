@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import as_records, data_digest
 from .config import IAUConfig
-from .fingerprint import data_digest
 from .format import WeightPatch
 from .saliency import accumulate_gradients, saliency_masks, select_parameters
-from .salun import _records, cast_all, snapshot
+from .salun import cast_all, snapshot
 from .tasks import UnlearnTask
 
 ADAM_EPS = 1e-8
@@ -53,8 +53,8 @@ def iau(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any, config: I
         if masks is not None:
             delta = delta * masks[n]
         edited[n] = (base[n].to(torch.float32) + delta).to(base[n].dtype)
-    meta.setdefault("forget_digest", data_digest(_records(forget)))
-    meta.setdefault("retain_digest", data_digest(_records(retain)))
+    meta.setdefault("forget_digest", data_digest(as_records(forget)))
+    meta.setdefault("retain_digest", data_digest(as_records(retain)))
     return WeightPatch.from_diff(
         cast_all(base, patch_dtype), cast_all(edited, patch_dtype),
         method="iau-masked" if masks is not None else "iau", hparams=config.model_dump(), seconds=f"{time.perf_counter() - start:.4f}", **meta,

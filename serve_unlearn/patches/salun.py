@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import as_records, data_digest
 from .config import SalUnConfig
-from .fingerprint import data_digest
 from .format import WeightPatch
 from .saliency import accumulate_gradients, saliency_masks, select_parameters
 from .tasks import UnlearnTask
@@ -124,9 +124,9 @@ def salun(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any | None =
                                  keep_edits)
     finally:
         model.train(was_training)
-    meta.setdefault("forget_digest", data_digest(_records(forget)))
+    meta.setdefault("forget_digest", data_digest(as_records(forget)))
     if retain is not None:
-        meta.setdefault("retain_digest", data_digest(_records(retain)))
+        meta.setdefault("retain_digest", data_digest(as_records(retain)))
     return WeightPatch.from_diff(
         cast_all(base, patch_dtype), cast_all(edited, patch_dtype), method="salun", hparams=config.model_dump(),
         seconds=f"{time.perf_counter() - start:.4f}", mask_ratio=str(config.ratio), **meta,
@@ -152,11 +152,3 @@ def _salun_edit(model, task, params, forget_batches, epoch_batches, config, prog
 
 def cast_all(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     return tensors if dtype is None else {n: t.to(dtype) for n, t in tensors.items()}
-
-
-def _records(data: Any):
-    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
-        return list(data)
-    if isinstance(data, dict):
-        return [data[k] for k in sorted(data)]
-    return list(data)

@@ -15,9 +15,9 @@ import torch
 
 from ..adapters.gate import Gate, GateConfig, GateDecision, Prompt
 from ..adapters.orthogonal_lora import check_adapter_base
-from ..adapters.registry import ForgetRegistry
 from ..adapters.served import load_gate, served_adapter
 from ..errors import GateInputError
+from ..registry import ForgetRegistry
 from .per_sample_lora import PerSampleLoraScale
 
 logger = logging.getLogger(__name__)

@@ -1,5 +1,4 @@
-"""Attentive Eraser's shared machinery: the per-call state, the mask pyramid, layer selection, mask handling and
-the eraser loop that the SD and SDXL pipelines both run.
+"""Attentive Eraser's mixin: the eraser loop that the SD and SDXL pipelines both run.
 
 Modelled on diffusers' ``PAGMixin``: a mixin on the pipeline selects self-attention layers (PAG's regex semantics,
 or the reference's execution-order block numbers), installs processors that share one state object for the call,
@@ -10,276 +9,30 @@ runs the guidance branches as one batch, and combines them. Unlike PAG, the proc
 from __future__ import annotations
 
 import logging
-import math
-import re
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-import PIL.Image
 import torch
-import torch.nn.functional as F
 
-from ...errors import EraserInputError, UnsupportedModelError
+from ...errors import EraserInputError
 from ...kernels import MASKED_ATTENTION_BACKENDS
+from .attention_processor import AttentiveEraserCFGSelfAttnProcessor, AttentiveEraserSelfAttnProcessor
+from .inputs import as_processor_input, expand_batch, image_size
+from .layers import BLOCK_INDEX, check_unet, resolve_applied_layers
+from .masks import build_mask_pyramid, dilate_mask, latent_mask, paste_back_weights
+from .state import AttentionRedirectionState
 
 logger = logging.getLogger(__name__)
 
 INPAINT_MODES = ("sip", "dip")
-BLOCK_INDEX = "block_index"
 # the ``__call__`` arguments that ``AttentiveEraserMixin._erase`` takes as they are
 _ERASE_ARGS = ("image", "mask_image", "height", "width", "strength", "num_inference_steps", "rm_guidance_scale",
                "ss_scale", "ss_steps", "ae_start_step", "ae_end_step", "inpaint_mode", "mask_dilation",
                "attention_backend", "num_images_per_prompt", "eta", "generator", "callback_on_step_end")
 
 
-# -- state shared by the processors of one call ---------------------------------------------------------------
-@dataclass(frozen=True)
-class RedirectionLevel:
-    """The redirected chunk's view of one token grid: which keys stay, how queries are scaled, who falls back."""
-
-    keep: torch.Tensor  # (B, N) bool, True = background key (attendable)
-    query_scale: torch.Tensor | None  # (B, N) float: lambda on foreground rows while SS is on, else None
-    ok: torch.Tensor  # (B,) bool: samples with at least one background key at this level
-    any_empty: bool
-    all_empty: bool
-
-
-@dataclass
-class AttentionRedirectionState:
-    """Everything the ASS processors of one pipeline call read: the foreground tokens per token grid (built once
-    per call), the attention backend, and the executed-step index with the ASS and SS windows (advanced by the
-    pipeline before each UNet call, the analogue of a guider's ``set_state``)."""
-
-    fg: dict[int, torch.Tensor]  # tokens per grid (h*w) -> (B, N) bool, True = foreground (to remove)
-    ss_scale: float = 0.3
-    backend: str = "auto"
-    step: int = -1
-    active: bool = False
-    ss_active: bool = False
-    _levels: dict = field(default_factory=dict, repr=False)
-    _warned: bool = field(default=False, repr=False)
-
-    def set_step(self, step: int, *, active: bool, ss_active: bool) -> None:
-        self.step, self.active, self.ss_active = step, active, active and ss_active
-
-    def level(self, tokens: int, device: torch.device, batch: int) -> RedirectionLevel:
-        """The masks for a self-attention over ``tokens`` tokens, cached per device and SS phase."""
-        cache_key = (tokens, str(device), self.ss_active)
-        found = self._levels.get(cache_key)
-        if found is not None:
-            return found
-        fg = self.fg.get(tokens)
-        if fg is None:
-            raise UnsupportedModelError(
-                f"a self-attention over {tokens} tokens matches no level of the mask pyramid "
-                f"({sorted(self.fg)}): this UNet's token grids are not the latent halved per down block"
-            )
-        if fg.shape[0] != batch:
-            raise UnsupportedModelError(f"the redirected chunk has {batch} samples but the masks {fg.shape[0]}")
-        fg = fg.to(device)
-        keep = ~fg
-        ok = keep.any(dim=1)
-        n_ok = int(ok.sum())
-        if n_ok < batch and not self._warned:
-            self._warned = True
-            logger.warning(
-                "the mask covers the whole %d-token grid of sample(s) %s: those samples use plain attention at that "
-                "level (nothing is left to redirect to); use a smaller mask or a larger image",
-                tokens, (~ok).nonzero().flatten().tolist(),
-            )
-        scale = torch.where(fg, self.ss_scale, 1.0) if self.ss_active else None
-        found = RedirectionLevel(keep, scale, ok, n_ok < batch, n_ok == 0)
-        self._levels[cache_key] = found
-        return found
-
-
-# -- masks -----------------------------------------------------------------------------------------------------
-def latent_mask(mask: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
-    """(B, 1, H, W) pixel mask -> (B, 1, ceil(H/f), ceil(W/f)) latent mask: a latent pixel is foreground if any
-    pixel under it is (the reference's max-pool, conservative)."""
-    return F.max_pool2d(mask.float(), vae_scale_factor, ceil_mode=True)
-
-
-def build_mask_pyramid(mask: torch.Tensor, vae_scale_factor: int, n_levels: int) -> dict[int, torch.Tensor]:
-    """Foreground tokens per UNet token grid: {h_l * w_l: (B, h_l * w_l) bool}.
-
-    Level 0 is the latent grid; each further level halves it with ceil, as the UNet's stride-2 convolutions (pad
-    1) do, so non-square and non-power-of-two sizes line up with the token grids. Equal to the reference's direct
-    ``max_pool2d(mask, R / r)`` when the sizes divide.
-    """
-    m = latent_mask(mask, vae_scale_factor)
-    pyramid: dict[int, torch.Tensor] = {}
-    for _ in range(n_levels):
-        pyramid.setdefault(m.shape[-2] * m.shape[-1], m.flatten(1) > 0.5)
-        m = F.max_pool2d(m, 2, ceil_mode=True)
-    return pyramid
-
-
-def gaussian_kernel1d(kernel_size: int, sigma: float | None = None) -> torch.Tensor:
-    """torchvision's ``gaussian_blur`` kernel; its default sigma is 0.3 * ((k - 1) / 2 - 1) + 0.8."""
-    sigma = 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8 if sigma is None else sigma
-    x = torch.linspace(-(kernel_size - 1) * 0.5, (kernel_size - 1) * 0.5, kernel_size)
-    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
-    return pdf / pdf.sum()
-
-
-def _blur(mask: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
-    k = kernel.numel()
-    kernel = kernel.to(mask.device, mask.dtype)
-    x = F.pad(mask, (k // 2,) * 4, mode=mode)
-    x = F.conv2d(x, kernel.view(1, 1, 1, k))
-    return F.conv2d(x, kernel.view(1, 1, k, 1))
-
-
-def dilate_mask(mask: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """The reference's mask preprocessing: Gaussian blur (kernel k, reflect padding as torchvision) then >= 0.1.
-
-    For a straight edge this grows the mask by about 1.28 sigma; k <= 1 leaves it unchanged.
-    """
-    if kernel_size <= 1:
-        return mask
-    h, w = mask.shape[-2:]
-    if kernel_size % 2 == 0 or kernel_size // 2 >= min(h, w):
-        raise EraserInputError(
-            f"mask_dilation={kernel_size} must be an odd blur kernel smaller than twice the image side "
-            f"({h}x{w}); use 'ae' (the reference's kernel scaled to the image) or 0 for none"
-        )
-    return (_blur(mask.float(), gaussian_kernel1d(kernel_size), "reflect") >= 0.1).to(mask.dtype)
-
-
-def paste_back_weights(mask: torch.Tensor, radius: float) -> torch.Tensor:
-    """The reference's soft paste-back weight m_f = 1 - (1 - m)(1 - blur_radius(m)): 1 inside the mask, fading
-    to 0 over about ``radius`` pixels outside it."""
-    if radius <= 0:
-        return mask
-    kernel = gaussian_kernel1d(2 * math.ceil(3 * radius) + 1, sigma=radius)
-    return 1 - (1 - mask) * (1 - _blur(mask.float(), kernel, "replicate").to(mask.dtype))
-
-
-def _size_of(x: Any) -> tuple[int, int] | None:
-    """(height, width) of an image or mask input (PIL, numpy HW/HWC/BHW/BHWC, torch HW/CHW/BCHW), or a list."""
-    if isinstance(x, (list, tuple)):
-        return _size_of(x[0]) if x else None
-    if isinstance(x, PIL.Image.Image):
-        return x.height, x.width
-    if isinstance(x, torch.Tensor):
-        return tuple(x.shape[-2:]) if x.dim() >= 2 else None
-    if isinstance(x, np.ndarray):
-        if x.ndim == 2:
-            return x.shape
-        if x.ndim == 3:
-            return x.shape[:2] if x.shape[-1] in (1, 3, 4) else x.shape[1:]
-        if x.ndim == 4:
-            return x.shape[1:3]
-    return None
-
-
-def _as_processor_input(x: Any, name: str) -> Any:
-    """Check an image/mask input and normalise what diffusers' processors would misread.
-
-    Tensors may sit on any device and be any float dtype (or bool for masks); integer tensors are ambiguous
-    (0..1 or 0..255?) and meta tensors hold no data, so both are refused. uint8 arrays are taken as 0..255.
-    """
-    if isinstance(x, (list, tuple)):
-        if not x:
-            raise EraserInputError(f"{name} is an empty list: give at least one image")
-        return [_as_processor_input(e, name) for e in x]
-    if isinstance(x, torch.Tensor):
-        if x.is_meta:
-            raise EraserInputError(f"{name} is a meta tensor (no data): load or materialise it first")
-        if x.dtype == torch.bool:
-            return x.float().cpu()
-        if not x.is_floating_point():
-            raise EraserInputError(
-                f"{name} is a {x.dtype} tensor: give a float tensor in [0, 1] (channels first), a bool mask, a PIL "
-                "image or a numpy array"
-            )
-        return x.detach().float().cpu()
-    if isinstance(x, np.ndarray):
-        if x.dtype == np.uint8:
-            return x.astype(np.float32) / 255.0
-        if x.dtype == bool:
-            return x.astype(np.float32)
-        if not np.issubdtype(x.dtype, np.floating):
-            raise EraserInputError(f"{name} is a {x.dtype} array: give floats in [0, 1] or uint8 in [0, 255]")
-        return x.astype(np.float32)
-    if isinstance(x, PIL.Image.Image):
-        return x
-    raise EraserInputError(f"{name} must be a PIL image, a numpy array, a torch tensor or a list of them; got "
-                           f"{type(x).__name__}")
-
-
-def _expand(t: torch.Tensor, n: int, per_item: int, what: str) -> torch.Tensor:
-    """Tile ``t`` (leading dim dividing ``n``) to ``n`` items, then repeat each item ``per_item`` times."""
-    if n % t.shape[0]:
-        raise EraserInputError(f"{t.shape[0]} {what} cannot be matched to a batch of {n}: give 1 or {n}")
-    return t.repeat(n // t.shape[0], *([1] * (t.dim() - 1))).repeat_interleave(per_item, dim=0)
-
-
-# -- layer selection -------------------------------------------------------------------------------------------
-def self_attention_layers(unet) -> list[tuple[str, torch.nn.Module]]:
-    """The UNet's self-attentions in execution order over down, mid and up blocks: the reference's numbering
-    (its ``cur_att_layer // 2``, one transformer block per index)."""
-    from diffusers.models.attention_processor import Attention
-
-    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-    found = [(n, m) for n, m in unet.named_modules()
-             if isinstance(m, Attention) and not m.is_cross_attention and n.split(".")[0] in order]
-    return sorted(found, key=lambda nm: order[nm[0].split(".")[0]])  # stable: keeps the order inside a block
-
-
-def _is_fake_integral_match(layer_id: str, name: str) -> bool:
-    """PAG's guard: "blocks.1" must not select "blocks.10"."""
-    layer_id, name = layer_id.split(".")[-1], name.split(".")[-1]
-    return layer_id.isnumeric() and name.isnumeric() and layer_id == name
-
-
-def resolve_applied_layers(unet, applied_layers) -> list[str]:
-    """Module names of the self-attentions selected by regexes (PAG's semantics) or ("block_index", indices)."""
-    from diffusers.models.attention_processor import Attention
-
-    if isinstance(applied_layers, tuple) and applied_layers and applied_layers[0] == BLOCK_INDEX:
-        layers = self_attention_layers(unet)
-        wanted = list(applied_layers[1])
-        bad = [i for i in wanted if not 0 <= i < len(layers)]
-        if bad:
-            raise EraserInputError(f"block indices {bad} are out of range: this UNet has {len(layers)} "
-                                   "self-attention blocks (0-based, down -> mid -> up)")
-        return [layers[i][0] for i in wanted]
-    names: list[str] = []
-    for layer_id in applied_layers:
-        matched = [n for n, m in unet.named_modules()
-                   if isinstance(m, Attention) and not m.is_cross_attention and re.search(layer_id, n) is not None
-                   and not _is_fake_integral_match(layer_id, n)]
-        if not matched:
-            raise EraserInputError(f"no self-attention layer matches {layer_id!r}: use e.g. 'up', 'mid', "
-                                   "'down_blocks.1' or ('block_index', range(a, b))")
-        names.extend(matched)
-    return list(dict.fromkeys(names))
-
-
-def check_unet(unet, where: str) -> None:
-    """Raise UnsupportedModelError unless ``unet`` is a UNet Attentive Eraser can run (4-channel, conditional)."""
-    from diffusers import UNet2DConditionModel
-
-    if not isinstance(unet, UNet2DConditionModel):
-        found = "no UNet" if unet is None else f"a {type(unet).__name__}"
-        raise UnsupportedModelError(
-            f"{where} has {found}: Attentive Eraser needs a UNet2DConditionModel (Stable Diffusion 1.x/2.x or SDXL); "
-            "transformer (DiT) pipelines such as PixArt, SD3 or FLUX are not supported"
-        )
-    if unet.config.in_channels != unet.config.out_channels:
-        raise UnsupportedModelError(
-            f"{where}'s UNet takes {unet.config.in_channels} input channels (an inpainting UNet); Attentive Eraser "
-            "blends latents with a base model: load the base (non-inpainting) checkpoint"
-        )
-
-
-# -- the mixin -------------------------------------------------------------------------------------------------
 class AttentiveEraserMixin:
     """Attentive Eraser (ASS + SARG) for diffusers UNet pipelines, in the shape of diffusers' ``PAGMixin``.
 
@@ -342,8 +95,6 @@ class AttentiveEraserMixin:
     @property
     def ae_attn_processors(self) -> dict:
         """{layer name: processor} for the Attentive Eraser processors installed now (only during a call)."""
-        from .attention_processor import AttentiveEraserSelfAttnProcessor
-
         return {n: p for n, p in self.unet.attn_processors.items()
                 if isinstance(p, AttentiveEraserSelfAttnProcessor)}
 
@@ -372,8 +123,6 @@ class AttentiveEraserMixin:
     @contextmanager
     def _ae_attn_processors(self, state: AttentionRedirectionState, n_plain: int):
         """Install ASS processors sharing ``state`` on the selected layers; restore the originals on exit."""
-        from .attention_processor import AttentiveEraserCFGSelfAttnProcessor, AttentiveEraserSelfAttnProcessor
-
         processor = (AttentiveEraserCFGSelfAttnProcessor(state) if n_plain == 2
                      else AttentiveEraserSelfAttnProcessor(state, n_plain=n_plain))
         modules = dict(self.unet.named_modules())
@@ -400,9 +149,9 @@ class AttentiveEraserMixin:
         """(images (n, 3, H, W) in [-1, 1], masks (m, 1, H, W) in {0, 1} after binarising and dilation, H, W)."""
         if image is None or mask_image is None:
             raise EraserInputError("both image and mask_image are required (mask: white/1 = remove)")
-        image = _as_processor_input(image, "image")
-        mask_image = _as_processor_input(mask_image, "mask_image")
-        image_hw, mask_hw = _size_of(image), _size_of(mask_image)
+        image = as_processor_input(image, "image")
+        mask_image = as_processor_input(mask_image, "mask_image")
+        image_hw, mask_hw = image_size(image), image_size(mask_image)
         if image_hw is None or mask_hw is None:
             raise EraserInputError(f"cannot read the size of the {'image' if image_hw is None else 'mask_image'}: "
                                    "give HxW, CxHxW or BxCxHxW tensors, HxW(xC) arrays or PIL images")
@@ -497,10 +246,10 @@ class AttentiveEraserMixin:
         cond, uncond = conditioning(height, width)
         n = max(init_image.shape[0], mask.shape[0], cond["encoder_hidden_states"].shape[0])
         per = num_images_per_prompt
-        init_image = _expand(init_image, n, per, "images").to(device)
-        mask = _expand(mask, n, per, "masks").to(device)
-        cond = {k: _expand(v, n, per, "prompts").to(device) for k, v in cond.items()}
-        uncond = None if uncond is None else {k: _expand(v, n, per, "prompts").to(device) for k, v in uncond.items()}
+        init_image = expand_batch(init_image, n, per, "images").to(device)
+        mask = expand_batch(mask, n, per, "masks").to(device)
+        cond = {k: expand_batch(v, n, per, "prompts").to(device) for k, v in cond.items()}
+        uncond = None if uncond is None else {k: expand_batch(v, n, per, "prompts").to(device) for k, v in uncond.items()}
         batch = n * per
         if isinstance(generator, list) and len(generator) != batch:
             raise EraserInputError(f"{len(generator)} generators for a batch of {batch}: give one or {batch}")

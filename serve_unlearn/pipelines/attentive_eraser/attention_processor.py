@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ...errors import UnsupportedModelError
 from ...kernels import masked_attention
-from .ae_utils import AttentionRedirectionState
+from .state import AttentionRedirectionState
 
 logger = logging.getLogger(__name__)
 

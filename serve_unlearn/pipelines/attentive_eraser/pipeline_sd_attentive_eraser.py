@@ -19,7 +19,8 @@ from diffusers import (
 )
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-from .ae_utils import AttentiveEraserMixin, check_unet
+from .ae_utils import AttentiveEraserMixin
+from .layers import check_unet
 from .presets import AE_PRESET_SD
 
 

@@ -15,7 +15,8 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 
-from .ae_utils import AttentiveEraserMixin, check_unet
+from .ae_utils import AttentiveEraserMixin
+from .layers import check_unet
 from .presets import AE_PRESET_SDXL
 
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 from pydantic import Field
 
-from ...patches.config import _Strict
+from ...config import StrictConfig
 
 logger = logging.getLogger("serve_unlearn.audit")
 
 
-class AuditConfig(_Strict):
+class AuditConfig(StrictConfig):
     enabled: bool = True
     path: str | None = None          # a JSON-lines file (appended); None: the serve_unlearn.audit logger (INFO)
     hash_salt_env: str | None = Field(None, min_length=1)  # env var holding the salt; unset: no prompt hashes

@@ -8,12 +8,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ...adapters.gate import GateConfig
-from ...patches.config import _Strict
+from ...config import StrictConfig
 from .audit import AuditConfig
 from .contract import ADMIN_TOKEN_ENV
 
 
-class BankConfig(_Strict):
+class BankConfig(StrictConfig):
     """Scaled copies of the served adapter (vLLM has no per-request LoRA scale): the gate's scale is rounded to
     one of ``scales``; 0 is the base model."""
 
@@ -27,7 +27,7 @@ class BankConfig(_Strict):
         return self
 
 
-class VllmServeConfig(_Strict):
+class VllmServeConfig(StrictConfig):
     gate: GateConfig = Field(default_factory=GateConfig)
     bank: BankConfig = Field(default_factory=BankConfig)
     # the names clients use for the base model; default: what vLLM serves (--served-model-name, else the path)

@@ -16,13 +16,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from ...adapters.registry import ForgetRegistry
 from ...adapters.served import served_adapter
 from ...errors import ServerError
+from ...registry import ForgetRegistry
 from .bank import AdapterBank, build_bank
 from .config import VllmServeConfig
-from .contract import ADMIN_HEADER, ADMIN_TOKEN_ENV, STATUS_PATH
-from .launcher import bank_dir
+from .contract import ADMIN_HEADER, ADMIN_TOKEN_ENV, STATUS_PATH, bank_dir
 from .routing import publish, published_bank
 
 logger = logging.getLogger(__name__)

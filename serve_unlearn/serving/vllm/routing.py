@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...adapters.gate import Gate, GateConfig
-from ...adapters.registry import ForgetRegistry
 from ...adapters.served import load_gate
 from ...errors import RegistryError
+from ...registry import ForgetRegistry
 from .bank import AdapterBank
 
 PUBLISHED_KEY = "vllm.published"
