@@ -37,9 +37,10 @@ Deviations from the reference code, each for a reason:
   own nearest neighbour and sits inside its own Gaussian, which no new prompt does.
 - *A one-sided test*: p(d) = 1 for d >= x0, so a prompt more typical than the forget data is never down-weighted
   (the reference's two-sided test did), and w_raw is monotone non-decreasing in d_H.
-- *LoRA on the top layer only* by default (``DetectorConfig.lora_layers``; ``None`` = every layer as O3), so an
-  ensemble runs the layers below once for all requests (see :class:`DetectorEnsemble`). On MiniLM with a few
-  dozen texts the CEL-trained LoRA barely moves AUROC either way (README); the glocal score does the work.
+- *No detector LoRA* by default (``DetectorConfig.lora_layers`` = 0; k = the top k layers, ``None`` = every layer
+  as O3), so an ensemble runs the encoder once for all requests (see :class:`DetectorEnsemble`). On MiniLM with a
+  few dozen texts the CEL-trained LoRA barely moves AUROC or routing either way (README); the glocal score does
+  the work.
 
 Data needed: at least 12 distinct forget texts with the defaults (``MIN_CALIBRATION`` = 4 held out to calibrate,
 ``MIN_FIT`` = 8 to fit the LoRA, the Gaussians and the SVM); a few dozen give a useful detector.

@@ -25,9 +25,10 @@ class DetectorConfig(StrictConfig):
     lora_dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "key", "value"], min_length=1)
     # LoRA on the top k layers only, so an ensemble runs the layers below once for all requests; None = every
-    # layer (O3), 0 = no LoRA (the glocal score of the frozen backbone). 1 on MiniLM: the AUROC of a LoRA on every
-    # layer, while each extra request costs a fraction as much (README; benchmarks/o3_gate_latency.py)
-    lora_layers: int | None = Field(1, ge=0)
+    # layer (O3), 0 = no LoRA (the glocal score of the frozen backbone: one shared pass for every request). 0 on
+    # MiniLM: the same AUROC and routing as a LoRA, while five requests cost barely more than one (README;
+    # benchmarks/o3_gate_latency.py, o3_gate_routing.py)
+    lora_layers: int | None = Field(0, ge=0)
     # training: O3's TOFU lr (1e-4; its ScienceQA 1e-5 moves a LoRA too little in the few steps a small request
     # gives), batch 8, warm-up 6%, weight decay 0.01; 3 epochs because a request has tens of texts, not thousands
     epochs: int = Field(3, ge=1)
