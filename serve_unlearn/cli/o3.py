@@ -50,7 +50,8 @@ def _hot_load(args, registry: ForgetRegistry, out: dict) -> dict:
 
 
 def _add_server_args(parser, what: str) -> None:
-    parser.add_argument("--server", help=f"a running `serve-unlearn vllm` server (http://host:port): {what}")
+    parser.add_argument("--server", help=f"a running `serve-unlearn vllm` server (http://host:port): {what}; "
+                        "sends the admin token from $SERVE_UNLEARN_ADMIN_TOKEN")
     parser.add_argument("--serve-config",
                         help="the server's YAML VllmServeConfig (bank scales), e.g. configs/vllm.yaml")
     parser.add_argument("--api-key-env", default="VLLM_API_KEY",
