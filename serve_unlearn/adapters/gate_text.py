@@ -27,8 +27,9 @@ class Segments(list):
 
 Prompt = str | Sequence[dict[str, Any]] | Segments
 
-# Keys whose values never reach the model as text: media payloads and identifiers. Everything else under a
-# prompt-bearing field is read (over-reading is safe: it can only route more prompts to the adapter).
+# Keys whose *string* values never reach the model as text: media payloads, identifiers, enum-like settings. An
+# object or list under such a key is still read ("format" may hold a JSON schema, "data" a document). Everything
+# else under a prompt-bearing field is read (over-reading is safe: it can only route more prompts to the adapter).
 NON_TEXT_KEYS = frozenset({
     "type", "role", "id", "tool_call_id", "call_id", "url", "image_url", "input_image", "image", "image_pil",
     "image_embeds", "audio_url", "input_audio", "audio", "video_url", "video", "data", "file_data", "file_id",
@@ -86,10 +87,11 @@ def text_leaves(value: Any, *, keys: bool = False) -> Iterator[str]:
         yield value
     elif isinstance(value, dict):
         for key, item in value.items():
-            if key not in NON_TEXT_KEYS:
-                if keys and isinstance(key, str):
-                    yield key
-                yield from text_leaves(item, keys=keys)
+            if key in NON_TEXT_KEYS and not isinstance(item, dict | list):
+                continue
+            if keys and isinstance(key, str) and key not in NON_TEXT_KEYS:
+                yield key
+            yield from text_leaves(item, keys=keys)
     elif isinstance(value, list | tuple):
         for item in value:
             yield from text_leaves(item, keys=keys)

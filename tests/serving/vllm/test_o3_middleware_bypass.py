@@ -136,6 +136,10 @@ def test_text_outside_the_messages_is_read(mw, extra):
     ("/v1/completions", {"model": "base", "prompt": "Answer:", "structured_outputs": {"choice": [Q, "no"]}}),
     ("/v1/completions", {"model": "base", "prompt": "Answer:", "guided_regex": Q}),
     ("/generative_scoring", {"model": "base", "query": "hello", "items": [Q]}),
+    ("/v1/responses", {"model": "base", "input": "hi", "text": {"format": {
+        "type": "json_schema", "name": "a", "schema": {"properties": {"answer_to_" + Q: {"type": "string"}}}}}}),
+    ("/cohere/v2/chat", {"model": "base", "messages": [{"role": "user", "content": "hi"}],
+                         "documents": [{"id": "1", "data": {"title": "notes", "snippet": Q}}]}),
 ])
 def test_every_route_format_is_read_whole(mw, path, body):
     assert routed(mw, path, body)[0] == FULL
@@ -188,6 +192,16 @@ def test_only_served_models_can_be_named(tmp_path, monkeypatch):
         assert routed(m, "/v1/completions", {"model": name, "prompt": "hello"})[0] == name
     assert routed(m, "/v1/completions", {"model": "sql-lora", "prompt": Q})[0] == FULL
     assert call(m, "/v1/completions", {"model": "unknown", "prompt": "hi"}, headers=ADMIN)[0] == 200
+
+
+def test_media_payloads_are_not_read_as_text(mw):
+    """A 200 KB image or audio part is not scored as text (it would only fail the request closed)."""
+    blob = "QUJD" * 50_000
+    model, headers = routed(mw, "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "describe this"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{blob}", "detail": "auto"}},
+        {"type": "input_audio", "input_audio": {"data": blob, "format": "wav"}}]}]})
+    assert model == "base" and headers[b"x-serve-unlearn-adapter"] == b"base"
 
 
 def test_unrelated_prompts_stay_on_the_base_model(mw):
