@@ -35,6 +35,7 @@ from ..fingerprint import base_fingerprint, tensor_digest
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_INFO = "serve_unlearn_adapter.json"  # our provenance record beside peft's files
+MAX_SCALING = 64.0  # lora_alpha / r beyond this is a damaged config, not a training choice (O3 uses 32 / 8)
 
 
 class UnlearnLoraConfig(StrictConfig):
@@ -92,6 +93,13 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         tensors = load_file(str(weights_path))
     except Exception as exc:  # corrupt JSON or safetensors
         raise ArtifactError(f"cannot read the adapter in {folder}: {exc}") from exc
+    try:
+        scaling = float(cfg["lora_alpha"]) / int(cfg["r"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ArtifactError(f"{cfg_path}: lora_alpha and r must be numbers ({exc})") from exc
+    if not (int(cfg["r"]) > 0 and 0 < scaling <= MAX_SCALING):
+        raise ArtifactError(f"{cfg_path}: lora_alpha / r = {scaling:g} is outside (0, {MAX_SCALING}]; the adapter "
+                            "config is damaged")
     if cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise ArtifactError(f"{folder}: DoRA, rsLoRA and per-module rank/alpha patterns are not supported by O3 "
                             "serving; train a plain LoRA")
@@ -153,11 +161,14 @@ def adapter_requests(folder: str | Path) -> list[str] | None:
 
 
 def check_adapter_base(folder: str | Path, model: nn.Module) -> None:
-    """ArtifactError unless the adapter in ``folder`` was trained on this base model."""
+    """ArtifactError unless the adapter in ``folder`` records that it was trained on this base model (a missing
+    or unreadable record is an error too: the check is never skipped)."""
     info_path = Path(folder) / ADAPTER_INFO
-    if not info_path.is_file():
-        return  # a foreign peft adapter: nothing recorded to check
-    expected = json.loads(info_path.read_text())["base_fingerprint"]
+    try:
+        expected = json.loads(info_path.read_text())["base_fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{info_path} is missing or damaged ({type(exc).__name__}), so the adapter in {folder} "
+                            "cannot be checked against the base model; re-run the forget request that made it") from exc
     if expected != base_model_fingerprint(model):
         raise ArtifactError(f"the adapter in {folder} was trained on another base model (fingerprint "
                             f"{expected[:12]}…); serve it with the base it was trained on")

@@ -1,7 +1,9 @@
 """What a server loads from a registry: the newest served adapter and a gate over every ready request.
 
 Servers poll ``registry.generation`` (one cheap query) and call these again when it moves, so a new forget
-request takes effect without a restart.
+request takes effect without a restart. Every artifact is checked against the file manifest its request was
+registered with before it is read (``ForgetRegistry.verified_path``); a served concatenation rebuilt after a
+retire is compared with a fresh build from those verified adapters before it is served.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from ..errors import ArtifactError
 from ..registry import ForgetRegistry, ForgetRequest
+from ..registry.integrity import folder_manifest
 from .gate import Gate, GateConfig
 from .orthogonal_lora import adapter_requests, concat_adapters
 
@@ -39,7 +42,7 @@ def served_adapter(registry: ForgetRegistry, *, up_to_version: int | None = None
         return None
     latest = ready[-1]
     try:
-        path = registry.artifact_path(latest, "served")
+        path = registry.verified_path(latest, "served")
     except ArtifactError as exc:
         raise ArtifactError(f"request {latest.name!r} has no usable served adapter ({exc}); "
                             "register it again") from None
@@ -56,18 +59,32 @@ def served_adapter(registry: ForgetRegistry, *, up_to_version: int | None = None
 
 
 def _concatenation(registry: ForgetRegistry, ready: list[ForgetRequest]) -> Path:
-    """The rank-concatenation of ``ready``'s own adapters, built once per set of requests (atomic rename)."""
+    """The rank-concatenation of ``ready``'s own (verified) adapters, shared under ``<registry>/served/`` by every
+    process; what is there is served only if it equals a fresh build, file for file, else it is replaced."""
     key = hashlib.sha256(",".join(r.id for r in ready).encode()).hexdigest()[:16]
     out = Path(registry.root) / "served" / key
-    if not out.is_dir():
-        tmp = out.with_name(f".{key}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        concat_adapters([registry.artifact_path(r, "adapter") for r in ready], tmp)
+    tmp = out.with_name(f".{key}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    concat_adapters([registry.verified_path(r, "adapter") for r in ready], tmp)
+    fresh = folder_manifest(tmp, ".")
+    if out.is_dir() and not out.is_symlink():
         try:
-            tmp.rename(out)
-        except OSError:  # another process built it first
-            shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("served adapter rebuilt without retired requests: %s (%s)", out, [r.name for r in ready])
+            if folder_manifest(out, ".") == fresh:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return out
+        except ArtifactError:
+            pass
+        logger.warning("served adapter %s differs from a fresh build of its requests' adapters: replaced", out)
+        stale = out.with_name(f".{key}.{os.getpid()}.stale")
+        out.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    elif out.exists() or out.is_symlink():
+        out.unlink()
+    try:
+        tmp.rename(out)
+    except OSError:  # another process put its build there first; it is checked on the next load
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("served adapter rebuilt without retired requests: %s (%s)", out, [r.name for r in ready])
     return out
 
 
@@ -80,7 +97,7 @@ def load_gate(registry: ForgetRegistry, config: GateConfig | None = None, *,
     ready = _ready(registry, up_to_version)
     if not ready:
         return Gate(lambda texts: None, [], config)
-    ensemble = DetectorEnsemble.load([registry.artifact_path(r, "detector") for r in ready])  # one backbone
+    ensemble = DetectorEnsemble.load([registry.verified_path(r, "detector") for r in ready])  # one backbone
     config = config or GateConfig()
     check_reach([r.name for r in ready], ensemble.detectors, config)
     return Gate(ensemble.weights, [r.name for r in ready], config)

@@ -18,6 +18,7 @@ The registry writes only rows and folders; artifacts are safetensors and JSON wr
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from ..errors import ArtifactError, RegistryError, UnknownRequestError, UnlearnDataError
+from .integrity import SIGNING_KEY_ENV, folder_manifest, signature, signing_key, verify_tree
 from .sqlite import SQLiteStore
 from .store import GENERATION_KEY, ForgetRequest, Owner, SQLStore
 
@@ -137,7 +139,13 @@ class ForgetRegistry:
         staging.dir.rename(self._requests / staging.request_id)
         _fsync(self._requests)
         prefix = PurePosixPath("requests", staging.request_id)
-        self._store.mark_ready(staging.request_id, {k: str(prefix / rel) for k, rel in staging.artifacts.items()})
+        placed = self._requests / staging.request_id
+        files = folder_manifest(placed, str(prefix))
+        request = self._store.by_id(staging.request_id)
+        key = signing_key()
+        sig = None if key is None else signature(key, request.id, request.name, request.data_digest, files)
+        self._store.mark_ready(staging.request_id, {k: str(prefix / rel) for k, rel in staging.artifacts.items()},
+                               files, sig)
 
     def _abort(self, request_id: str, error: str) -> None:
         try:
@@ -216,6 +224,28 @@ class ForgetRegistry:
         if not path.exists():
             raise ArtifactError(f"artifact {key!r} of forget request {request.name!r} is missing at {path}; "
                                 "retire the request and register it again")
+        return path
+
+    def verified_path(self, request: ForgetRequest, key: str) -> Path:
+        """``artifact_path``, after checking every file of that artifact against the manifest recorded when the
+        request became ready (and its signature, when ``$SERVE_UNLEARN_SIGNING_KEY`` is set here): what serving
+        loads. ArtifactError names the first file that differs."""
+        path = self.artifact_path(request, key)
+        what = f"forget request {request.name!r} ({request.id[:8]})"
+        sign_key = signing_key()
+        if request.files is None:
+            if sign_key is not None:
+                raise ArtifactError(f"{what} has no file manifest (registered before manifests), so its signature "
+                                    f"cannot be checked; register it again with ${SIGNING_KEY_ENV} set")
+            logger.warning("%s was registered before file manifests: its artifacts are not verified", what)
+            return path
+        if sign_key is not None:
+            expected = signature(sign_key, request.id, request.name, request.data_digest, request.files)
+            if request.signature is None or not hmac.compare_digest(expected, request.signature):
+                raise ArtifactError(f"{what}: its signature is {'missing' if request.signature is None else 'wrong'}"
+                                    f" for the signing key in ${SIGNING_KEY_ENV}; it was not registered with this "
+                                    "key, or its record was changed")
+        verify_tree(self.root, request.artifacts[key], request.files, what)
         return path
 
     def retire(self, name_or_id: str) -> ForgetRequest:

@@ -20,6 +20,8 @@ from ..errors import RegistryError
 
 SCHEMA_VERSION = 1
 GENERATION_KEY = "generation"
+# reserved keys of the artifacts JSON: the file manifest and its signature (not artifact names)
+FILES_KEY, SIGNATURE_KEY = "__files__", "__signature__"
 
 
 def schema(seq_column: str, extra_columns: str = "") -> tuple[str, ...]:
@@ -61,6 +63,10 @@ class ForgetRequest:
     artifacts: dict[str, str]  # key -> path relative to the registry root
     config: dict
     error: str | None
+    # sha256 of every file of the request's folder (paths relative to the registry root), recorded when it became
+    # ready, and an HMAC over them when a signing key was set (integrity.py); None in rows older than manifests
+    files: dict[str, str] | None = None
+    signature: str | None = None
 
 
 @dataclass(frozen=True)
@@ -148,9 +154,26 @@ class SQLStore(abc.ABC):
 
     @staticmethod
     def _request(row: tuple) -> ForgetRequest:
+        """A row as a ForgetRequest; the manifest and signature travel inside the artifacts JSON (reserved keys),
+        so rows of every schema version read the same way."""
         rid, name, created_at, digest, status, version, artifacts, config, error = row
-        return ForgetRequest(rid, name, created_at, digest, status, version, json.loads(artifacts),
-                             json.loads(config), error)
+        try:
+            recorded = json.loads(artifacts)
+            files = recorded.pop(FILES_KEY, None)
+            sig = recorded.pop(SIGNATURE_KEY, None)
+            if not (isinstance(recorded, dict) and all(isinstance(v, str) for v in recorded.values())
+                    and (files is None or isinstance(files, dict)) and (sig is None or isinstance(sig, str))):
+                raise TypeError("unexpected types")
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise RegistryError(f"forget request {rid} ({name}) has a damaged artifacts record ({exc}); retire it "
+                                "and register it again") from exc
+        try:
+            parsed_config = json.loads(config)
+        except ValueError as exc:
+            raise RegistryError(f"forget request {rid} ({name}) has a damaged config record ({exc}); retire it "
+                                "and register it again") from exc
+        return ForgetRequest(rid, name, created_at, digest, status, version, recorded, parsed_config, error,
+                             files, sig)
 
     def _bump_generation(self, con: Connection) -> int:
         con.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = ?",
@@ -180,11 +203,17 @@ class SQLStore(abc.ABC):
                     (request.id, request.name, request.created_at, request.data_digest,
                      json.dumps(request.config), owner.pid, owner.start, owner.host))
 
-    def mark_ready(self, request_id: str, artifacts: dict[str, str]) -> None:
+    def mark_ready(self, request_id: str, artifacts: dict[str, str], files: dict[str, str] | None = None,
+                   signature: str | None = None) -> None:
+        record = dict(artifacts)
+        if files is not None:
+            record[FILES_KEY] = files
+        if signature is not None:
+            record[SIGNATURE_KEY] = signature
         with self._connect(write=True) as con:
             version = self._bump_generation(con)
             cur = con.execute("UPDATE requests SET status = 'ready', version = ?, artifacts = ? WHERE id = ? AND "
-                              "status = 'training'", (version, json.dumps(artifacts), request_id))
+                              "status = 'training'", (version, json.dumps(record), request_id))
             if cur.rowcount != 1:
                 raise RegistryError(f"forget request {request_id} is no longer training (another process marked "
                                     "it failed); register it again")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,11 +71,13 @@ def build_bank(adapter_dir: str | Path, out_dir: str | Path, version: int,
         name = bank_name(version, s)
         folder = root / name
         if write:
-            folder.mkdir(parents=True, exist_ok=True)
-            link = folder / ADAPTER_WEIGHTS
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            os.symlink(weights, link)
+            # written from scratch: a file someone left in a bank folder (vLLM also reads .bin, .pt and
+            # new_embeddings files) never reaches vLLM
+            if folder.is_symlink() or folder.is_file():
+                folder.unlink()
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            os.symlink(weights, folder / ADAPTER_WEIGHTS)
             (folder / ADAPTER_CONFIG).write_text(json.dumps(dict(cfg, lora_alpha=float(cfg["lora_alpha"]) * s),
                                                             indent=2))
         names.append(name)
