@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...adapters.gate import Gate, GateConfig
-from ...adapters.served import load_gate
+from ...adapters.served import load_gate, served_adapter
 from ...errors import RegistryError
 from ...registry import ForgetRegistry
 from .bank import AdapterBank
@@ -56,8 +56,10 @@ class Routing:
 
 def load_routing(registry: ForgetRegistry, gate_config: GateConfig) -> Routing:
     """The published bank with a gate over exactly the requests it was built from (its version is the registry
-    generation it was built at)."""
+    generation it was built at). Both the detectors and the adapter the bank serves are verified against their
+    registered manifests first: a version whose artifacts changed on disk is not routed (ArtifactError)."""
     bank = published_bank(registry)
     if bank is None:
         return Routing(None, Gate(lambda texts: None, [], gate_config))
+    served_adapter(registry, up_to_version=bank.version)
     return Routing(bank, load_gate(registry, gate_config, up_to_version=bank.version))
