@@ -76,3 +76,12 @@ def test_a_calibration_that_cannot_reach_the_full_scale_is_refused(saved):
     det_weak = type("D", (), {"calibration": weak})()
     with pytest.raises(ArtifactError, match="could never route"):
         check_reach(["castle"], [det_weak], config)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/hostname", "lora/../../x"])
+def test_a_file_list_naming_paths_outside_the_folder_is_refused(saved, tmp_path, name):
+    folder = tmp_path / "d"
+    shutil.copytree(saved[1], folder)
+    _edit_json(folder, lambda m: m["files"].update({name: "0" * 64}))
+    with pytest.raises(ArtifactError, match="outside its folder"):
+        OODDetector.load(folder)

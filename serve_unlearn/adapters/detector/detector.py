@@ -7,7 +7,7 @@ import json
 import logging
 import weakref
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -280,6 +280,9 @@ def _read_meta(d: Path) -> dict:
     if not isinstance(files, dict) or "stats.safetensors" not in files:
         raise ArtifactError(f"{meta_path} lists no artifact files")
     for name, digest in files.items():
+        rel = PurePosixPath(str(name))
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ArtifactError(f"{meta_path} lists {name!r}, a path outside its folder; the detector is damaged")
         path = d / name
         if not path.is_file():
             raise ArtifactError(f"detector {d}: {name} is missing")
