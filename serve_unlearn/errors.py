@@ -54,3 +54,11 @@ class EraserInputError(ServeUnlearnError, ValueError):
 
 class UnsupportedModelError(ServeUnlearnError, TypeError):
     """The pipeline's denoiser is not one Attentive Eraser supports (it needs a 4-channel UNet2DConditionModel)."""
+
+
+class UntrustedCodeError(ServeUnlearnError, ValueError):
+    """A data file names code to run (a module folder's class) that the caller did not allow; nothing was imported."""
+
+
+class ModuleFolderError(ServeUnlearnError, ValueError):
+    """A module folder (``serve_unlearn_module.json`` + ``model.safetensors``) is malformed or its class is unusable."""

@@ -14,14 +14,16 @@ from pathlib import Path
 from ..errors import ServeUnlearnError
 
 
-def _load_model_and_task(model_dir: str, forget_target: str, y_max: int | None):
+def _load_model_and_task(model_dir: str, forget_target: str, y_max: int | None, *,
+                         trusted_classes: list[str] | None = None, trust_module_code: bool = False):
     import torch
 
     from ..patches.inputs import checkpoint_dtype, is_module_folder, load_module_folder
     from ..patches.tasks import CausalLMTask, ClassifierTask
 
     if is_module_folder(model_dir):
-        model, spec = load_module_folder(model_dir)
+        model, spec = load_module_folder(model_dir, trusted_classes=trusted_classes or (),
+                                         trust_module_code=trust_module_code)
         num_classes = spec.get("num_classes") or spec["kwargs"].get("num_classes") or (y_max or 0) + 1
         return model, ClassifierTask(int(num_classes)), None, "torch-state-dict"
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,7 +49,9 @@ def _run_method(args, method: str) -> int:
     config = (cfg_cls.from_yaml(args.config, **overrides) if args.config
               else cfg_cls.validate_dict(overrides, where="command line"))
     y_max = int(forget[1].max()) if isinstance(forget, tuple) else None
-    model, task, patch_dtype, keys = _load_model_and_task(args.model, getattr(config, "forget_target", "refusal"), y_max)
+    model, task, patch_dtype, keys = _load_model_and_task(
+        args.model, getattr(config, "forget_target", "refusal"), y_max,
+        trusted_classes=args.trusted_class, trust_module_code=args.trust_module_code)
     meta = {"base_model": str(Path(args.model).resolve()), "key_convention": keys}
     if method == "salun":
         from ..patches.salun import salun
@@ -70,6 +74,10 @@ def add_method_parsers(sub) -> None:
     for name, helptext in (("salun", "compute a SalUn weight patch"), ("iau", "compute an IAU weight patch")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--model", required=True, help="HF checkpoint folder, or a serve-unlearn module folder")
+        s.add_argument("--trusted-class", dest="trusted_class", action="append", metavar="MODULE:CLASS",
+                       help="a class a module folder may name (repeatable); serve-unlearn's own are always allowed")
+        s.add_argument("--trust-module-code", dest="trust_module_code", action="store_true",
+                       help="let a module folder name any class (imports its module: only for folders you trust)")
         s.add_argument("--forget", required=True, help="forget data: .jsonl (LMs) or .npz (classifiers)")
         s.add_argument("--retain", help="retain data, same format")
         s.add_argument("--out", required=True, help="output patch file (.patch.safetensors)")

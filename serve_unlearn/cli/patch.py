@@ -6,10 +6,19 @@ import json
 from pathlib import Path
 
 
+def _integrity(patch) -> str:
+    if patch.verified:
+        return (f"verified: format {patch.format_version}, the header and every tensor's stored bytes match "
+                "their sha256 digests")
+    return (f"UNVERIFIED: format {patch.format_version} carries no header or payload digests (each result is "
+            "checked after it is written); recreate the patch to get a verified file")
+
+
 def _summary(patch) -> dict:
     tensors = {n: {"shape": list(e.shape), "dtype": str(e.dtype).removeprefix("torch."), "form": e.form,
                    "nnz": e.nnz, "density": round(patch.density(n), 6)} for n, e in sorted(patch.entries.items())}
-    return {"patch_id": patch.patch_id, "metadata": patch.metadata, "nbytes": patch.nbytes, "tensors": tensors}
+    return {"patch_id": patch.patch_id, "metadata": patch.metadata, "nbytes": patch.nbytes, "tensors": tensors,
+            "format_version": patch.format_version, "verified": patch.verified, "integrity": _integrity(patch)}
 
 
 def _patch_inspect(args) -> int:
@@ -24,6 +33,7 @@ def _patch_inspect(args) -> int:
     print(f"patch {info['patch_id']}  method={meta.get('method')}  mode={meta.get('mode')}  "
           f"tensors={len(info['tensors'])}  payload={info['nbytes']} bytes")
     print(f"base fingerprint {meta.get('base_fingerprint')}  created {meta.get('created_at')}")
+    print(f"integrity: {info['integrity']}")
     for name, t in info["tensors"].items():
         print(f"  {name:60s} {tuple(t['shape'])!s:>16s} {t['dtype']:>9s} {t['form']:>5s} density={t['density']:.4f}")
     return 0
@@ -48,7 +58,7 @@ def _patch_verify(args) -> int:
     from ..errors import PatchMismatchError
     from ..patches import WeightPatch, tensor_digest
 
-    patch = WeightPatch.load(args.patch)
+    patch = WeightPatch.load(args.patch)  # checks the file itself (format 2) before any digest is trusted
     tensors = _folder_tensors(Path(args.model), set(patch.tensor_names))
     states = {}
     for name in patch.tensor_names:

@@ -4,6 +4,7 @@ from ..errors import PatchFormatError, PatchMismatchError, PatchStateError
 from ..fingerprint import base_fingerprint, tensor_digest
 from .apply import apply_patch, revert_patch, stack_patches
 from .format import FORMAT_VERSION, PatchEntry, WeightPatch
+from .integrity import UnverifiedPatchWarning
 from .materialize import materialize
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "PatchFormatError",
     "PatchMismatchError",
     "PatchStateError",
+    "UnverifiedPatchWarning",
     "WeightPatch",
     "apply_patch",
     "base_fingerprint",

@@ -1,9 +1,15 @@
 """Apply, revert and stack weight patches on live models and state dicts.
 
-Apply is all or nothing: every tensor is checked (present, shape, dtype, base digest) before the first write,
-and a failure during the writes puts back what was already written. Each apply returns an *undo patch* (the
-same positions, holding the base values, ``replace`` mode), so revert is simply applying the undo: bit-exact
-whatever the mode, and the undo can be saved beside a checkpoint folder to revert it on disk later.
+Apply is all or nothing: every tensor is checked (present, shape, dtype, base digest, no NaN/inf introduced)
+before the first write, and a failure during the writes (or a result check after one) puts back what was
+already written. Each apply returns an *undo patch* (the same positions, holding the base values, ``replace``
+mode), so revert is simply applying the undo: bit-exact whatever the mode, and the undo can be saved beside a
+checkpoint folder to revert it on disk later.
+
+What is verified: a version-2 file's header and stored bytes were checked against their digests when it was
+loaded (``format``), so the values are known before they are written. For data without that check (a version-1
+file), and for every tensor with ``verify="full"``, the written tensor's digest is compared with the patched
+digest the author recorded, and a mismatch puts the model back and raises :class:`PatchFormatError`.
 """
 
 from __future__ import annotations
@@ -16,16 +22,18 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..errors import PatchMismatchError, PatchStateError
+from ..errors import PatchFormatError, PatchMismatchError, PatchStateError
 from ..fingerprint import tensor_digest
 from ..kernels import pack_mask, unpack_mask
 from .format import PatchEntry, WeightPatch, dtype_name
+from .integrity import all_finite, check_finite
 
 PatchLike = WeightPatch | str | os.PathLike
 Target = nn.Module | MutableMapping[str, torch.Tensor]
 Overlap = Literal["last", "error"]
 OVERLAPS: tuple[Overlap, ...] = ("last", "error")
-
+# True: base digests before writing, results of unverified data after; "full": every result after; False: neither
+Verify = bool | Literal["full"]
 
 
 class _UndoStore:
@@ -71,19 +79,20 @@ def _check_fits(name: str, entry: PatchEntry, tensors: Mapping[str, torch.Tensor
     if name not in tensors:
         sample = ", ".join(list(tensors)[:3])
         raise PatchMismatchError(
-            f"patch tensor {name!r} is not in the model (key convention {patch.metadata.get('key_convention')!r}; "
-            f"the model has e.g. {sample}): apply the patch to the model it was made for"
+            f"{patch.where!r}: patch tensor {name!r} is not in the model (key convention "
+            f"{patch.metadata.get('key_convention')!r}; the model has e.g. {sample}): apply the patch to the model "
+            "it was made for"
         )
     t = tensors[name]
     if tuple(t.shape) != entry.shape:
         raise PatchMismatchError(
-            f"tensor {name!r} has shape {tuple(t.shape)} but the patch was made for {entry.shape}: "
+            f"{patch.where!r}: tensor {name!r} has shape {tuple(t.shape)} but the patch was made for {entry.shape}: "
             "this is another model architecture"
         )
     if t.dtype != entry.dtype:
         raise PatchMismatchError(
-            f"tensor {name!r} is {dtype_name(t.dtype)} but the patch was made for {dtype_name(entry.dtype)}: "
-            f"load the model with dtype={dtype_name(entry.dtype)}"
+            f"{patch.where!r}: tensor {name!r} is {dtype_name(t.dtype)} but the patch was made for "
+            f"{dtype_name(entry.dtype)}: load the model with dtype={dtype_name(entry.dtype)}"
         )
     return t
 
@@ -93,18 +102,83 @@ def _check_base(name: str, tensor: torch.Tensor, patch: WeightPatch) -> None:
     digest = tensor_digest(tensor)
     if digest != entry.base_digest:
         if digest == entry.patched_digest:
-            raise PatchStateError(f"tensor {name!r} already holds this patch's values: it is already applied")
+            raise PatchStateError(f"{patch.where!r}: tensor {name!r} already holds this patch's values: it is "
+                                  "already applied")
         raise PatchMismatchError(
-            f"tensor {name!r} differs from the base this patch was made for (patch base fingerprint "
-            f"{patch.fingerprint[:12]}): apply it to that base model, or recompute the patch on this one"
+            f"{patch.where!r}: tensor {name!r} differs from the base this patch was made for (patch base "
+            f"fingerprint {patch.fingerprint[:12]}): apply it to that base model, or recompute the patch on this one"
         )
 
 
-def apply_to_tensor(name: str, tensor: torch.Tensor, patch: WeightPatch) -> None:
-    """Verify and patch one tensor in place, keeping no undo: for loaders that stream a checkpoint once."""
-    _check_fits(name, patch.entries[name], {name: tensor}, patch)
-    _check_base(name, tensor, patch)
-    patch.entries[name].write_into(tensor, patch.mode)
+def _check_finite(name: str, entry: PatchEntry, before: torch.Tensor, patch: WeightPatch) -> None:
+    if patch.metadata.get("method") == "undo":
+        return  # an undo puts back what the base held, finite or not
+    check_finite(patch.where, name, entry.result_at(before, patch.mode), before)
+
+
+def _verify_arg(verify: Verify) -> Verify:
+    if verify not in (True, False, "full"):
+        raise ValueError(f"verify must be True, False or 'full', got {verify!r}")
+    return verify
+
+
+def _checks_result(entry: PatchEntry, verify: Verify) -> bool:
+    return entry.patched_digest is not None and (verify == "full" or (bool(verify) and not entry.checked))
+
+
+def _write_checked(tensor: torch.Tensor, entry: PatchEntry, patch: WeightPatch, verify: Verify) -> bool:
+    """Write one entry; where the result is checked and differs, put the whole tensor back (not only the edited
+    positions: a faulty write may have strayed outside them) and return False."""
+    if not _checks_result(entry, verify):
+        entry.write_into(tensor.data, patch.mode)
+        return True
+    pristine = tensor.detach().clone()
+    entry.write_into(tensor.data, patch.mode)
+    if tensor_digest(tensor) == entry.patched_digest:
+        return True
+    tensor.data.copy_(pristine)
+    return False
+
+
+def _wrong_result(name: str, patch: WeightPatch) -> PatchFormatError:
+    return PatchFormatError(
+        f"{patch.where!r}: after the write, tensor {name!r} did not hold the values the patch's author made (its "
+        "digest differs from the recorded patched_sha256): the patch data is damaged, and the model was put back "
+        "to its base. Copy the patch again or recreate it"
+    )
+
+
+def _undo_entry(entry: PatchEntry, before: torch.Tensor) -> PatchEntry:
+    return PatchEntry(entry.shape, entry.dtype, entry.form, before, base_digest=None,
+                      patched_digest=entry.base_digest, mask=entry.mask)
+
+
+def apply_to_tensor(name: str, tensor: torch.Tensor, patch: WeightPatch, *, verify: Verify = True) -> None:
+    """Verify and patch one tensor in place, keeping no undo: for loaders that stream a checkpoint once.
+
+    The same checks as :func:`apply_patch` for this tensor (base digest, no NaN/inf introduced, the result where
+    the data was not verified when loaded); when one fails the tensor is left as it was (put back bit for bit
+    where the check comes after the write) and the error raised. The values the write replaces are read only
+    where a check needs them (``add`` mode, or NaN/inf among the new values): a loader patches a private copy of
+    each streamed tensor, which an error in the write itself (out of memory) leaves for the loader to discard.
+    """
+    verify = _verify_arg(verify)
+    entry = patch.entries[name]
+    _check_fits(name, entry, {name: tensor}, patch)
+    if verify:
+        _check_base(name, tensor, patch)
+    before = None
+    if patch.mode == "add" or not all_finite(entry.values):
+        before = entry.read_from(tensor)
+        _check_finite(name, entry, before, patch)
+    try:
+        ok = _write_checked(tensor, entry, patch, verify)
+    except BaseException:
+        if before is not None:
+            _undo_entry(entry, before).write_into(tensor, "replace")
+        raise
+    if not ok:
+        raise _wrong_result(name, patch)
 
 
 def _unique_storage(names: Sequence[str], tensors: Mapping[str, torch.Tensor], patch: WeightPatch) -> list[str]:
@@ -118,23 +192,28 @@ def _unique_storage(names: Sequence[str], tensors: Mapping[str, torch.Tensor], p
             first = seen[key]
             a, b = patch.entries[first], patch.entries[name]
             if a.patched_digest != b.patched_digest or a.base_digest != b.base_digest:
-                raise PatchMismatchError(f"{first!r} and {name!r} are one tied tensor but the patch edits them differently")
+                raise PatchMismatchError(f"{patch.where!r}: {first!r} and {name!r} are one tied tensor but the patch "
+                                         "edits them differently")
             continue
         seen[key] = name
         keep.append(name)
     return keep
 
 
-def apply_patch(target: Target, patch: PatchLike, *, verify: bool = True) -> WeightPatch:
+def apply_patch(target: Target, patch: PatchLike, *, verify: Verify = True) -> WeightPatch:
     """Apply ``patch`` to a module or state dict in place and return its undo patch.
 
     Raises :class:`PatchMismatchError` (naming the first tensor that differs) if the model is not the base the
-    patch was made for, and :class:`PatchStateError` if it is already patched; in both cases nothing changed.
+    patch was made for, :class:`PatchStateError` if it is already patched, and :class:`PatchFormatError` if the
+    file is damaged, would write NaN/inf where the base has none, or (data not verified at load, or
+    ``verify="full"``) a written tensor differs from the author's result; in every case the model is unchanged.
+    ``verify=False`` skips the base and result digests (the file itself is still verified when loaded).
     """
     return _apply(target, patch, verify=verify, record=True)
 
 
-def _apply(target: Target, patch: PatchLike, *, verify: bool, record: bool) -> WeightPatch:
+def _apply(target: Target, patch: PatchLike, *, verify: Verify, record: bool) -> WeightPatch:
+    verify = _verify_arg(verify)
     patch = as_patch(patch)
     tensors = target_tensors(target)
     names = patch.tensor_names
@@ -143,17 +222,21 @@ def _apply(target: Target, patch: PatchLike, *, verify: bool, record: bool) -> W
         if verify:
             _check_base(name, t, patch)
     names = _unique_storage(names, tensors, patch)
-
+    # what each write replaces (the undo), read and checked for every tensor before the first write
     undo: dict[str, PatchEntry] = {}
+    for name in names:
+        entry = patch.entries[name]
+        before = entry.read_from(tensors[name])
+        _check_finite(name, entry, before, patch)
+        undo[name] = _undo_entry(entry, before)
     written: list[str] = []
     try:
         for name in names:
             entry, t = patch.entries[name], tensors[name]
-            before = entry.read_from(t)
-            entry.write_into(t.data, patch.mode)
-            undo[name] = PatchEntry(entry.shape, entry.dtype, entry.form, before, base_digest=None,
-                                    patched_digest=entry.base_digest, mask=entry.mask)
-            written.append(name)
+            written.append(name)  # first: a write that fails half-way is put back too
+            if not _write_checked(t, entry, patch, verify):
+                written.pop()  # already put back whole
+                raise _wrong_result(name, patch)
     except BaseException:
         for name in reversed(written):
             undo[name].write_into(tensors[name].data, "replace")
@@ -224,6 +307,7 @@ def stack_patches(patches: Sequence[PatchLike], overlap: Overlap = "last") -> We
         raise ValueError("stack_patches needs at least one patch")
     if len(patches) == 1:
         return patches[0]
+    source = " + ".join(p.where for p in patches)
     modes = {p.mode for p in patches}
     if len(modes) != 1:
         raise PatchMismatchError(f"cannot stack patches of different modes {sorted(modes)}; stack them separately")
@@ -254,11 +338,12 @@ def stack_patches(patches: Sequence[PatchLike], overlap: Overlap = "last") -> We
                 acc[m] += vals.to(torch.float32)
             covered |= m
         if bool(covered.all()):
-            entries[name] = PatchEntry(first.shape, first.dtype, "dense", acc.reshape(first.shape), first.base_digest)
+            entries[name] = PatchEntry(first.shape, first.dtype, "dense", acc.reshape(first.shape), first.base_digest,
+                                       checked=all(e.checked for e in parts))
         else:
             entries[name] = PatchEntry(first.shape, first.dtype, "mask", acc[covered].contiguous(), first.base_digest,
-                                       mask=pack_mask(covered))
+                                       mask=pack_mask(covered), checked=all(e.checked for e in parts))
     keys = {p.metadata.get("key_convention") for p in patches}
     meta = {"method": "stack", "overlap": overlap, "key_convention": keys.pop() if len(keys) == 1 else "mixed",
             "components": [{"patch_id": p.patch_id, "method": p.metadata.get("method")} for p in patches]}
-    return WeightPatch(entries, mode, meta)
+    return WeightPatch(entries, mode, meta, source=source, verified=all(p.verified for p in patches))

@@ -8,8 +8,10 @@ One safetensors file. For each edited tensor ``P`` either
 
 The header (``__metadata__``, string -> string, nested values JSON-encoded) carries the format name and version,
 the mode, the method and its hyperparameters, the key convention, the base fingerprint, the digests of the forget
-and retain data, the creation time, and per tensor: shape, dtype, form, nnz, the digest of the base tensor and of
-the patched tensor. That is enough to verify the base before touching it and to recognise a model already patched.
+and retain data, the creation time, and per tensor: shape, dtype, form, nnz, the digest of the base tensor, of the
+patched tensor and (version 2) of the stored payload; plus (version 2) a digest of the whole header. Loading
+checks every byte against those digests (``integrity``), so what reaches a model is what the author wrote; the
+base digest is checked before touching a tensor, and the patched digest recognises a model already patched.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import datetime as _dt
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,24 +33,38 @@ from safetensors.torch import save_file
 from ..errors import PatchFormatError, PatchMismatchError
 from ..fingerprint import base_fingerprint, tensor_digest
 from ..kernels import masked_apply_, masked_gather, pack_mask, popcount
+from .integrity import (
+    HEADER_DIGEST_KEY,
+    PAYLOAD_DIGEST_KEY,
+    UnverifiedPatchWarning,
+    check_canonical_header,
+    check_finite,
+    damaged,
+    header_digest,
+    is_hex_digest,
+    payload_digest,
+)
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "READ_VERSIONS", "PatchEntry", "UnverifiedPatchWarning", "WeightPatch",
+           "dtype_name"]
 
 FORMAT_NAME = "serve-unlearn-patch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; version 1 (no header or payload digests) is still read, as unverified
+READ_VERSIONS = (1, 2)
 Mode = Literal["replace", "add"]
 Form = Literal["mask", "dense"]
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 # header keys that are JSON-encoded (the rest are plain strings)
 _JSON_KEYS = ("hparams", "tensors", "extra", "components")
+# header keys a file must carry (a renamed key is a missing key: never a skipped check)
+_REQUIRED = {1: ("format", "format_version", "mode", "base_fingerprint", "tensors"),
+             2: ("format", "format_version", HEADER_DIGEST_KEY, "mode", "method", "key_convention",
+                 "base_fingerprint", "created_at", "tensors")}
+_ENTRY_KEYS = ("shape", "dtype", "form", "nnz", "base_sha256", "patched_sha256")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _dtype_from_name(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise PatchFormatError(f"unsupported dtype {name!r} in patch header; supported: {sorted(_DTYPES)}")
-    return _DTYPES[name]
 
 
 @dataclass
@@ -61,6 +78,8 @@ class PatchEntry:
     base_digest: str
     patched_digest: str | None = None  # None where it cannot be known without the base (stacked patches)
     mask: torch.Tensor | None = None
+    # False for data read from a version-1 file (no payload digest): apply then checks the result after writing
+    checked: bool = True
 
     @property
     def numel(self) -> int:
@@ -93,6 +112,17 @@ class PatchEntry:
         if self.form == "mask":
             return masked_gather(tensor, self.mask).clone()
         return tensor.detach().clone()
+
+    def result_at(self, before: torch.Tensor, mode: Mode) -> torch.Tensor:
+        """The values this entry leaves at its positions, given what they held (``before``, as ``read_from``)."""
+        if mode == "replace":
+            return self.values
+        values = self.values.to(before.device).reshape(before.shape)
+        return (before.to(torch.float32) + values.to(torch.float32)).to(before.dtype)
+
+    def stored(self) -> list[torch.Tensor]:
+        """The tensors a file holds for this entry, in payload-digest order: (mask, values) or (dense,)."""
+        return [self.mask, self.values] if self.form == "mask" else [self.values]
 
     def header(self) -> dict[str, Any]:
         return {
@@ -128,10 +158,15 @@ class WeightPatch:
     entries: dict[str, PatchEntry]
     mode: Mode = "replace"
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None  # the file it was loaded from (named in errors)
+    format_version: int | None = None  # of that file; None for a patch made in this process
+    # every header entry and stored byte was checked against a digest (or the patch was made in this process);
+    # False for a version-1 file, and for anything stacked from one
+    verified: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("replace", "add"):
-            raise PatchFormatError(f"mode must be 'replace' or 'add', got {self.mode!r}")
+            raise PatchFormatError(f"{self.where!r}: mode must be 'replace' or 'add', got {self.mode!r}")
         self.metadata = dict(self.metadata)
         self.metadata.setdefault("created_at", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
         self.metadata["mode"] = self.mode
@@ -141,6 +176,11 @@ class WeightPatch:
     @property
     def tensor_names(self) -> list[str]:
         return sorted(self.entries)
+
+    @property
+    def where(self) -> str:
+        """The file this patch came from, for messages ("patch (in memory)" for one made in this process)."""
+        return self.source or "patch (in memory)"
 
     @property
     def fingerprint(self) -> str:
@@ -225,6 +265,7 @@ class WeightPatch:
                 )
             result = old.clone()
             entry.write_into(result, mode)
+            check_finite(f"WeightPatch.from_diff(method={method!r})", name, result, old)
             entry.patched_digest = tensor_digest(result)
             entries[name] = entry
         meta.setdefault("key_convention", "state_dict")
@@ -232,22 +273,37 @@ class WeightPatch:
 
     # -- files ----------------------------------------------------------------------------------------------
     def header(self) -> dict[str, str]:
+        """The file header (format version 2): per-tensor payload digests, then a digest of the whole header."""
         meta = dict(self.metadata)
-        meta.update(format=FORMAT_NAME, format_version=str(FORMAT_VERSION),
-                    tensors={n: self.entries[n].header() for n in self.tensor_names})
-        return {k: (json.dumps(v, sort_keys=True) if k in _JSON_KEYS or not isinstance(v, str) else v)
-                for k, v in meta.items()}
+        meta.pop(HEADER_DIGEST_KEY, None)
+        meta.setdefault("method", "unknown")
+        if meta.get("key_convention") is None:
+            meta["key_convention"] = "state_dict"
+        tensors = {}
+        for name in self.tensor_names:
+            e = self.entries[name]
+            info = e.header()
+            info[PAYLOAD_DIGEST_KEY] = payload_digest(name, self.mode, info, e.stored())
+            tensors[name] = info
+        meta.update(format=FORMAT_NAME, format_version=str(FORMAT_VERSION), tensors=tensors)
+        raw = {k: (json.dumps(v, sort_keys=True) if k in _JSON_KEYS or not isinstance(v, str) else v)
+               for k, v in meta.items()}
+        raw[HEADER_DIGEST_KEY] = header_digest(raw)
+        return raw
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temp file + rename), so a crash never leaves a half-written patch."""
+        if not (self.verified and all(e.checked for e in self.entries.values())):
+            raise PatchFormatError(
+                f"{self.where!r} was read from a version-1 file, whose bytes carry no digests: saving it as version "
+                "2 would vouch for bytes nobody checked. Apply it to its base model (each result is checked there "
+                "against the author's digest) and make a new patch with WeightPatch.from_diff"
+            )
         path = Path(path)
         tensors: dict[str, torch.Tensor] = {}
         for name, e in self.entries.items():
-            if e.form == "mask":
-                tensors[f"{name}::mask"] = e.mask.contiguous()
-                tensors[f"{name}::values"] = e.values.contiguous()
-            else:
-                tensors[f"{name}::dense"] = e.values.contiguous()
+            keys = (f"{name}::mask", f"{name}::values") if e.form == "mask" else (f"{name}::dense",)
+            tensors.update(zip(keys, (t.contiguous() for t in e.stored())))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
         os.close(fd)
@@ -261,73 +317,132 @@ class WeightPatch:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> WeightPatch:
+        """Read and verify a patch file: every header entry and every stored byte against its digest (version 2).
+
+        Raises :class:`PatchFormatError` naming the file and what is wrong; a version-1 file loads with an
+        :class:`UnverifiedPatchWarning` (its results are checked after each write instead).
+        """
         path = Path(path)
+        where = str(path)
         if not path.is_file():
-            raise PatchFormatError(f"patch file {str(path)!r} does not exist")
+            raise PatchFormatError(f"patch file {where!r} does not exist")
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(where, framework="pt") as f:
                 raw = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle is not a dict
+                # copies: a tensor mapped from the file would follow later writes to it, after it was verified
+                tensors = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118 - a safetensors handle is not a dict
         except Exception as exc:  # safetensors raises several types for truncated/corrupt files
             raise PatchFormatError(
-                f"{str(path)!r} is not a readable safetensors file ({exc}); it may be truncated or corrupt: "
+                f"{where!r} is not a readable safetensors file ({exc}); it may be truncated or corrupt: "
                 "copy it again or recreate the patch"
             ) from exc
-        return cls._from_parts(raw, tensors, str(path))
+        patch = cls._from_parts(raw, tensors, where)
+        if patch.format_version != 1:
+            check_canonical_header(where, raw)
+        return patch
 
     @classmethod
     def _from_parts(cls, raw: Mapping[str, str], tensors: Mapping[str, torch.Tensor], where: str) -> WeightPatch:
         if raw.get("format") != FORMAT_NAME:
             raise PatchFormatError(f"{where!r} is not a serve-unlearn patch (header format={raw.get('format')!r})")
-        if raw.get("format_version") != str(FORMAT_VERSION):
+        version = raw.get("format_version")
+        if version not in [str(v) for v in READ_VERSIONS]:
             raise PatchFormatError(
-                f"{where!r} has patch format version {raw.get('format_version')!r}; this serve-unlearn reads "
-                f"version {FORMAT_VERSION}: upgrade serve-unlearn or recreate the patch"
+                f"{where!r} has patch format version {version!r}; this serve-unlearn reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}: upgrade serve-unlearn or recreate the patch"
             )
+        version = int(version)
+        if version >= 2 and raw.get(HEADER_DIGEST_KEY) != header_digest(raw):
+            raise damaged(where, f"the header does not match its digest ({HEADER_DIGEST_KEY})")
+        if version == 1 and HEADER_DIGEST_KEY in raw:
+            raise damaged(where, "a version-1 header carries a version-2 header digest")
+        missing = [k for k in _REQUIRED[version] if k not in raw]
+        if missing:
+            raise damaged(where, f"the header lacks the required key {missing[0]!r}")
         meta: dict[str, Any] = {}
         try:
             for k, v in raw.items():
                 meta[k] = json.loads(v) if k in _JSON_KEYS else v
-            table = meta.pop("tensors")
-        except (KeyError, json.JSONDecodeError) as exc:
+        except json.JSONDecodeError as exc:
             raise PatchFormatError(f"{where!r} has a damaged header ({exc}); recreate the patch") from exc
-        for k in ("format", "format_version"):
+        table = meta.pop("tensors")
+        for k in ("format", "format_version", HEADER_DIGEST_KEY):
             meta.pop(k, None)
-        mode = meta.get("mode", "replace")
-        entries = {}
-        for name, info in table.items():
-            try:
-                shape = tuple(int(s) for s in info["shape"])
-                dtype = _dtype_from_name(info["dtype"])
-                form, nnz = info["form"], int(info["nnz"])
-                entry = PatchEntry(shape, dtype, form, torch.empty(0), info["base_sha256"], info.get("patched_sha256"))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise PatchFormatError(f"{where!r}: header entry for {name!r} is damaged ({exc})") from exc
-            value_dtype = dtype if mode == "replace" else torch.float32
-            if form == "mask":
-                mask, values = tensors.get(f"{name}::mask"), tensors.get(f"{name}::values")
-                if mask is None or values is None:
-                    raise PatchFormatError(f"{where!r}: tensor data for {name!r} is missing; recreate the patch")
-                if mask.dtype != torch.uint8 or mask.numel() != (entry.numel + 7) // 8:
-                    raise PatchFormatError(
-                        f"{where!r}: mask of {name!r} has {mask.numel()} {dtype_name(mask.dtype)} entries, "
-                        f"expected {(entry.numel + 7) // 8} uint8"
-                    )
-                if popcount(mask) != nnz or values.numel() != nnz or values.dtype != value_dtype:
-                    raise PatchFormatError(
-                        f"{where!r}: {name!r} declares {nnz} {dtype_name(value_dtype)} values but carries "
-                        f"{values.numel()} {dtype_name(values.dtype)} values for {popcount(mask)} mask bits"
-                    )
-                entry.mask, entry.values = mask, values
-            elif form == "dense":
-                dense = tensors.get(f"{name}::dense")
-                if dense is None or tuple(dense.shape) != shape or dense.dtype != value_dtype:
-                    raise PatchFormatError(f"{where!r}: dense data for {name!r} is missing or has the wrong shape")
-                entry.values = dense
-            else:
-                raise PatchFormatError(f"{where!r}: unknown form {form!r} for {name!r}")
-            entries[name] = entry
-        patch = cls(entries, mode, meta)
-        if meta.get("base_fingerprint") and meta["base_fingerprint"] != patch.fingerprint:
+        mode = meta["mode"]
+        if mode not in ("replace", "add"):
+            raise damaged(where, f"the header has an unknown mode {mode!r}")
+        if not isinstance(table, dict):
+            raise damaged(where, "the tensor table is not a JSON object")
+        entries = {name: _entry_from(where, version, mode, name, info, tensors) for name, info in table.items()}
+        stored = {f"{n}::{part}" for n, e in entries.items() for part in (("mask", "values") if e.form == "mask"
+                                                                            else ("dense",))}
+        unexpected = sorted(set(tensors) - stored)
+        if unexpected:
+            raise damaged(where, f"it holds tensor data no header entry names ({unexpected[0]!r})")
+        patch = cls(entries, mode, meta, source=where, format_version=version, verified=version >= 2)
+        if meta["base_fingerprint"] != patch.fingerprint:
             raise PatchFormatError(f"{where!r}: header fingerprint does not match its tensor table; recreate the patch")
+        if version == 1:
+            warnings.warn(
+                f"{where!r} is a version-1 patch: its header and stored bytes carry no digests and cannot be verified "
+                "before use (each result is checked against the patched digest after it is written). Recreate it "
+                "with this serve-unlearn to get a verified version-2 file", UnverifiedPatchWarning, stacklevel=3)
         return patch
+
+
+def _entry_from(where: str, version: int, mode: str, name: str, info: Any,
+                tensors: Mapping[str, torch.Tensor]) -> PatchEntry:
+    """One tensor's entry from its header record and stored data, every field checked (and the payload digest)."""
+    if not isinstance(info, dict):
+        raise damaged(where, f"the header entry of {name!r} is not a JSON object")
+    required = _ENTRY_KEYS + ((PAYLOAD_DIGEST_KEY,) if version >= 2 else ())
+    missing = [k for k in required if k not in info and not (version == 1 and k == "patched_sha256")]
+    if missing:
+        raise damaged(where, f"the header entry of {name!r} lacks {missing[0]!r}")
+    if version >= 2 and set(info) - set(required):
+        raise damaged(where, f"the header entry of {name!r} has unknown fields {sorted(set(info) - set(required))}")
+    shape, form, nnz = info["shape"], info["form"], info["nnz"]
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise damaged(where, f"the header entry of {name!r} has a bad shape {shape!r}")
+    if info["dtype"] not in _DTYPES:
+        raise damaged(where, f"the header entry of {name!r} has an unsupported dtype {info['dtype']!r} "
+                             f"(supported: {sorted(_DTYPES)})")
+    if form not in ("mask", "dense"):
+        raise damaged(where, f"unknown form {form!r} for {name!r}")
+    entry = PatchEntry(tuple(shape), _DTYPES[info["dtype"]], form, torch.empty(0), info["base_sha256"],
+                       info.get("patched_sha256"), checked=version >= 2)
+    if type(nnz) is not int or not 0 <= nnz <= entry.numel or (form == "dense" and nnz != entry.numel):
+        raise damaged(where, f"the header entry of {name!r} has a bad nnz {nnz!r} for {entry.numel} elements")
+    if not is_hex_digest(entry.base_digest) or not (entry.patched_digest is None
+                                                    or is_hex_digest(entry.patched_digest)):
+        raise damaged(where, f"the header entry of {name!r} has a malformed digest")
+    value_dtype = entry.dtype if mode == "replace" else torch.float32
+    if form == "mask":
+        mask, values = tensors.get(f"{name}::mask"), tensors.get(f"{name}::values")
+        if mask is None or values is None:
+            raise PatchFormatError(f"{where!r}: tensor data for {name!r} is missing; recreate the patch")
+        n = entry.numel
+        if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != (n + 7) // 8:
+            raise PatchFormatError(
+                f"{where!r}: mask of {name!r} has {mask.numel()} {dtype_name(mask.dtype)} entries, "
+                f"expected {(n + 7) // 8} uint8; the file is damaged: recreate the patch"
+            )
+        if n % 8 and int(mask[-1]) >> (n % 8):
+            raise damaged(where, f"the mask of {name!r} has bits set past the tensor's last element")
+        bits = popcount(mask)
+        if bits != nnz or values.dim() != 1 or values.numel() != nnz or values.dtype != value_dtype:
+            raise PatchFormatError(
+                f"{where!r}: {name!r} declares {nnz} {dtype_name(value_dtype)} values but carries "
+                f"{values.numel()} {dtype_name(values.dtype)} values for {bits} mask bits; the file is damaged: "
+                "recreate the patch"
+            )
+        entry.mask, entry.values = mask, values
+    else:
+        dense = tensors.get(f"{name}::dense")
+        if dense is None or tuple(dense.shape) != entry.shape or dense.dtype != value_dtype:
+            raise PatchFormatError(f"{where!r}: dense data for {name!r} is missing or has the wrong shape or dtype; "
+                                   "the file is damaged: recreate the patch")
+        entry.values = dense
+    if version >= 2 and info[PAYLOAD_DIGEST_KEY] != payload_digest(name, mode, info, entry.stored()):
+        raise damaged(where, f"the stored data of tensor {name!r} does not match its digest ({PAYLOAD_DIGEST_KEY})")
+    return entry

@@ -57,7 +57,8 @@ def patch_folder_in_place(folder: Path, patch: WeightPatch) -> WeightPatch:
         loaded[shard] = (load_file(str(shard)), meta)
     undo_entries = {}
     for shard, (tensors, _) in loaded.items():
-        part = WeightPatch({n: e for n, e in patch.entries.items() if owner[n] == shard}, patch.mode, patch.metadata)
+        part = WeightPatch({n: e for n, e in patch.entries.items() if owner[n] == shard}, patch.mode, patch.metadata,
+                           source=patch.source, verified=patch.verified)
         undo_entries.update(apply_patch(tensors, part).entries)
     for shard, (tensors, meta) in loaded.items():
         tmp = shard.with_name(f".tmp-{shard.name}")

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from serve_unlearn.patches import PatchFormatError, WeightPatch
 from serve_unlearn.patches.format import FORMAT_NAME
+from serve_unlearn.patches.integrity import HEADER_DIGEST_KEY, header_digest
 
 
 def _pair(dtype=torch.float32, density=0.1, n=(64, 48)):
@@ -88,13 +89,16 @@ def test_not_a_patch(tmp_path):
         WeightPatch.load(path)
 
 
-def _rewrite(path, edit_meta=None, edit_tensors=None):
+def _rewrite(path, edit_meta=None, edit_tensors=None, redigest=False):
+    """Rewrite a patch file with edits; ``redigest`` recomputes the header digest (a consistent but wrong writer)."""
     with safe_open(str(path), framework="pt") as f:
-        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle is not a dict
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118 - a safetensors handle is not a dict
     if edit_meta:
         edit_meta(meta)
     if edit_tensors:
         edit_tensors(tensors)
+    if redigest:
+        meta[HEADER_DIGEST_KEY] = header_digest(meta)
     save_file(tensors, str(path), metadata=meta)
 
 
@@ -115,13 +119,26 @@ def test_values_count_disagrees_with_mask(tmp_path):
 def test_tampered_header_fingerprint(tmp_path):
     path = _good(tmp_path)
     _rewrite(path, lambda m: m.update(base_fingerprint="0" * 64))
-    with pytest.raises(PatchFormatError, match="fingerprint"):
+    with pytest.raises(PatchFormatError, match="header does not match its digest"):
         WeightPatch.load(path)
+    _rewrite(path, redigest=True)  # the digest now agrees: the fingerprint check is what refuses it
+    with pytest.raises(PatchFormatError, match="fingerprint does not match"):
+        WeightPatch.load(path)
+
+
+@pytest.mark.parametrize("key", ["base_fingerprint", "mode", "created_at", "method", "key_convention"])
+def test_missing_or_renamed_required_key(tmp_path, key):
+    """A renamed key is a missing key, never a skipped check (before: a renamed base_fingerprint went unchecked)."""
+    path = _good(tmp_path)
+    _rewrite(path, lambda m: m.update({key[:-1] + "X": m.pop(key)}), redigest=True)
+    with pytest.raises(PatchFormatError, match=f"lacks the required key '{key}'") as err:
+        WeightPatch.load(path)
+    assert str(path) in str(err.value)
 
 
 def test_damaged_header_json(tmp_path):
     path = _good(tmp_path)
-    _rewrite(path, lambda m: m.update(tensors="{not json"))
+    _rewrite(path, lambda m: m.update(tensors="{not json"), redigest=True)
     with pytest.raises(PatchFormatError, match="damaged header"):
         WeightPatch.load(path)
 
