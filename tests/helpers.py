@@ -58,3 +58,24 @@ def compile_sm90(kernel, signature: dict, constants: dict, **options):
                               options=options or None)
     assert compiled.asm.get("cubin")
     return compiled
+
+
+def as_version_1(src, dst):
+    """The same patch as a version-1 file: no header digest, no payload digests."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from serve_unlearn.patches.integrity import HEADER_DIGEST_KEY, PAYLOAD_DIGEST_KEY
+
+    with safe_open(str(src), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118 - a safetensors handle is not a dict
+    meta.pop(HEADER_DIGEST_KEY)
+    meta["format_version"] = "1"
+    table = json.loads(meta["tensors"])
+    for info in table.values():
+        info.pop(PAYLOAD_DIGEST_KEY)
+    meta["tensors"] = json.dumps(table, sort_keys=True)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst

@@ -19,7 +19,7 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import bits
+from helpers import as_version_1, bits
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -292,15 +292,7 @@ def test_fuzz_version_1_files(tmp_path, capsys):
     expected = _clone(base)
     apply_patch(expected, patch)
     good = patch.save(tmp_path / "v2.patch.safetensors")
-    meta, tensors = _read(good)
-    meta.pop(HEADER_DIGEST_KEY)
-    meta["format_version"] = "1"
-    table = json.loads(meta["tensors"])
-    for info in table.values():
-        info.pop(PAYLOAD_DIGEST_KEY)
-    meta["tensors"] = json.dumps(table, sort_keys=True)
-    v1 = tmp_path / "v1.patch.safetensors"
-    _write(v1, meta, tensors)
+    v1 = as_version_1(good, tmp_path / "v1.patch.safetensors")
     with pytest.warns(UnverifiedPatchWarning, match="version-1"):
         assert _run(v1, base, expected) == "exact"
     rng = random.Random(99)

@@ -5,9 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import assert_bit_equal, bits
-from safetensors import safe_open
-from safetensors.torch import save_file
+from helpers import as_version_1, assert_bit_equal, bits
 
 from serve_unlearn.cli import main
 from serve_unlearn.patches import (
@@ -20,7 +18,6 @@ from serve_unlearn.patches import (
     stack_patches,
 )
 from serve_unlearn.patches.apply import apply_to_tensor
-from serve_unlearn.patches.integrity import HEADER_DIGEST_KEY, PAYLOAD_DIGEST_KEY
 
 
 def _pair(seed=0):
@@ -37,20 +34,6 @@ def _clone(sd):
     return {k: v.clone() for k, v in sd.items()}
 
 
-def _as_version_1(src, dst):
-    """The same patch as a version-1 file: no header digest, no payload digests."""
-    with safe_open(str(src), framework="pt") as f:
-        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118 - a safetensors handle is not a dict
-    meta.pop(HEADER_DIGEST_KEY)
-    meta["format_version"] = "1"
-    table = json.loads(meta["tensors"])
-    for info in table.values():
-        info.pop(PAYLOAD_DIGEST_KEY)
-    meta["tensors"] = json.dumps(table, sort_keys=True)
-    save_file(tensors, str(dst), metadata=meta)
-    return dst
-
-
 def _data_offset(path, key):
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
@@ -60,7 +43,7 @@ def _data_offset(path, key):
 def test_version_1_loads_applies_and_says_unverified(tmp_path, capsys):
     base, edited = _pair()
     v2 = WeightPatch.from_diff(base, edited, method="test").save(tmp_path / "v2.patch.safetensors")
-    v1 = _as_version_1(v2, tmp_path / "v1.patch.safetensors")
+    v1 = as_version_1(v2, tmp_path / "v1.patch.safetensors")
     with pytest.warns(UnverifiedPatchWarning, match="version-1 patch"):
         patch = WeightPatch.load(v1)
     assert not patch.verified and patch.format_version == 1
@@ -89,7 +72,7 @@ def test_version_1_loads_applies_and_says_unverified(tmp_path, capsys):
 def test_version_1_damaged_data_is_caught_after_the_write_and_put_back(tmp_path):
     base, edited = _pair()
     v2 = WeightPatch.from_diff(base, edited).save(tmp_path / "v2.patch.safetensors")
-    v1 = _as_version_1(v2, tmp_path / "v1.patch.safetensors")
+    v1 = as_version_1(v2, tmp_path / "v1.patch.safetensors")
     data = bytearray(v1.read_bytes())
     data[_data_offset(v1, "w::values") + 5] ^= 0x40  # a byte of one stored value
     v1.write_bytes(bytes(data))
