@@ -223,16 +223,19 @@ class O3Middleware:
                 return await self.app(scope, receive, send)
             return await self.app(scope, receive, _hide_adapters(send))
         if route_class == RouteClass.REFUSED:
-            metrics.DECISIONS.labels("refused", template).inc()
-            return await respond_json(send, 403, error_body(
-                403, f"{scope.get('method')} {template} is not gated by serve-unlearn, so it is closed while "
-                "forget requests are served; operators can open it with open_routes or admin_routes in the "
-                "serve-unlearn config", "PermissionDenied"))
+            return await self._answer(send, template, "refused", 403, "PermissionDenied",
+                f"{scope.get('method')} {template} is not gated by serve-unlearn, so it is closed while forget "
+                "requests are served; operators can open it with open_routes or admin_routes in the serve-unlearn "
+                "config")
         return await self._gate(scope, receive, send, template)
 
+    async def _answer(self, send, template: str, outcome: str, status: int, kind: str, message: str) -> None:
+        """Answer a gated or classified request here (it never reaches vLLM), counted under ``outcome``."""
+        metrics.DECISIONS.labels(outcome, template).inc()
+        await respond_json(send, status, error_body(status, message, kind))
+
     async def _invalid(self, send, template: str, status: int, message: str) -> None:
-        metrics.DECISIONS.labels("invalid", template).inc()
-        await respond_json(send, status, error_body(status, message, "BadRequestError"))
+        await self._answer(send, template, "invalid", status, "BadRequestError", message)
 
     async def _gate(self, scope, receive, send, template: str) -> None:
         t0 = time.perf_counter()
@@ -258,22 +261,19 @@ class O3Middleware:
         model = data.get("model")
         if isinstance(model, str) and model.startswith(NAME_PREFIX):
             if not self._is_admin(scope):
-                metrics.DECISIONS.labels("refused", template).inc()
-                return await respond_json(send, 403, error_body(
-                    403, f"model {model!r} is a serve-unlearn adapter; name the base model and the gate routes "
-                    "the request (operators: send the admin token)", "PermissionDenied"))
+                return await self._answer(send, template, "refused", 403, "PermissionDenied",
+                                          f"model {model!r} is a serve-unlearn adapter; name the base model and the "
+                                          "gate routes the request (operators: send the admin token)")
             return await self.app(with_body(scope, body), replay(body, receive), send)
         if self.models is not None and model is not None and model not in self.models and not self._is_admin(scope):
-            metrics.DECISIONS.labels("refused", template).inc()
-            return await respond_json(send, 404, error_body(
-                404, f"model {str(model)[:200]!r} is not served here; name one of {sorted(self.models)}",
-                "NotFoundError"))
+            return await self._answer(send, template, "refused", 404, "NotFoundError",
+                                      f"model {str(model)[:200]!r} is not served here; name one of "
+                                      f"{sorted(self.models)}")
         routing = self.routing
         if routing is None:
             if self.config.gate.fail_closed:
-                metrics.DECISIONS.labels("unavailable", template).inc()
-                return await respond_json(send, 503, error_body(
-                    503, f"serve-unlearn cannot gate requests: {self.error}", "ServiceUnavailable"))
+                return await self._answer(send, template, "unavailable", 503, "ServiceUnavailable",
+                                          f"serve-unlearn cannot gate requests: {self.error}")
             metrics.DECISIONS.labels("failed_open", template).inc()
             return await self.app(with_body(scope, body, _ADAPTER_HEADERS), replay(body, receive), send)
         texts: list[str] = []
