@@ -36,6 +36,11 @@ class UnknownRequestError(ServeUnlearnError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ConflictError(ServeUnlearnError, RuntimeError):
+    """The operation does not fit the current state: a name already in use, a request not in a status it applies
+    to (retrying one that did not fail, retiring one already retired)."""
+
+
 class ArtifactError(ServeUnlearnError, ValueError):
     """A forget request's artifact (detector, adapter) is missing, corrupt, or built for another backbone/base."""
 
@@ -62,3 +67,12 @@ class UntrustedCodeError(ServeUnlearnError, ValueError):
 
 class ModuleFolderError(ServeUnlearnError, ValueError):
     """A module folder (``serve_unlearn_module.json`` + ``model.safetensors``) is malformed or its class is unusable."""
+
+
+class EvalDataError(UnlearnDataError):
+    """An evaluation data file or a request's probes are missing, empty, not UTF-8 or lack a field."""
+
+
+class EvidenceError(ServeUnlearnError, ValueError):
+    """A verification record is unsigned, its signature does not match (it was changed after signing, or the key
+    differs), or it is not a serve-unlearn verification record."""

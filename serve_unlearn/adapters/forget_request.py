@@ -14,7 +14,7 @@ request (keys in ``ForgetRequest.artifacts``):
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import Field
@@ -22,7 +22,7 @@ from pydantic import Field
 from ..config import StrictConfig
 from ..data import data_digest, load_jsonl
 from ..errors import UnlearnDataError
-from ..registry import ForgetRegistry, ForgetRequest
+from ..registry import ForgetRegistry, ForgetRequest, Staging
 from .detector import DetectorConfig, OODDetector
 from .orthogonal_lora import UnlearnLoraConfig, check_adapter_base, concat_adapters, train_unlearning_lora
 
@@ -55,8 +55,16 @@ def load_forget_records(path: str | Path) -> list[dict]:
 
 
 def forget(registry: ForgetRegistry, name: str, records: Sequence[dict], *, model, tokenizer,
-           config: ForgetConfig | None = None, progress: bool = True) -> ForgetRequest:
-    """Train and register one forget request against the causal LM ``model`` (left unchanged)."""
+           config: ForgetConfig | None = None, progress: bool = True,
+           on_progress: Callable[[str, int, int], None] | None = None,
+           on_detector: Callable[[Path], None] | None = None,
+           before_ready: Callable[[Staging], None] | None = None) -> ForgetRequest:
+    """Train and register one forget request against the causal LM ``model`` (left unchanged).
+
+    Hooks for a service: ``on_progress(phase, step, total)`` as training goes; ``on_detector(folder)`` once the
+    detector is saved (the interim guard); ``before_ready(staging)`` when every artifact is written, before the
+    request becomes ready (verification evidence; raising there fails the request)."""
+    report = on_progress or (lambda phase, step, total: None)
     config = config or ForgetConfig()
     records = [dict(r) for r in records]
     if not records:
@@ -75,18 +83,25 @@ def forget(registry: ForgetRegistry, name: str, records: Sequence[dict], *, mode
         check_adapter_base(folder, model)
     record = config.model_dump(mode="json")
     with registry.register(name, data_digest(records), record) as staging:
+        report("detector", 0, 1)
         detector = OODDetector.train(texts, config.detector, progress=progress)
         detector.save(staging.dir / "detector")
         staging.add_artifact("detector", "detector")
+        report("detector", 1, 1)
+        if on_detector is not None:
+            on_detector(staging.dir / "detector")
         warm = own[-1] if config.lora.mode == "cumulative" and own else None
         train_unlearning_lora(model, tokenizer, records, config.lora, staging.dir / "adapter",
-                              earlier_adapters=own, warm_start=warm, request_name=name, progress=progress)
+                              earlier_adapters=own, warm_start=warm, request_name=name, progress=progress,
+                              on_step=lambda done, total: report("lora", done, total))
         staging.add_artifact("adapter", "adapter")
         if config.lora.mode == "per-request" and own:
             concat_adapters([*own, staging.dir / "adapter"], staging.dir / "served")
             staging.add_artifact("served", "served")
         else:
             staging.add_artifact("served", "adapter")
+        if before_ready is not None:
+            before_ready(staging)
     request = registry.get(name)
     logger.info("forget request %s (%s) is ready as version %s", request.name, request.id, request.version)
     return request

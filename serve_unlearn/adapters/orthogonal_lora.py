@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -211,11 +211,13 @@ def _orth_pairs(peft_model: nn.Module, frozen: Sequence[dict[str, torch.Tensor]]
 def train_unlearning_lora(model: nn.Module, tokenizer, records: Sequence[dict], config: UnlearnLoraConfig,
                           out_dir: str | Path, *, earlier_adapters: Sequence[str | Path] = (),
                           warm_start: str | Path | None = None, request_name: str = "request",
-                          progress: bool = True) -> dict[str, float]:
+                          progress: bool = True,
+                          on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Train one request's LoRA on ``model`` (left unchanged afterwards) and save it as a peft folder in ``out_dir``.
 
     ``earlier_adapters``: the frozen adapters whose lora_A the new one must stay orthogonal to (every earlier
-    request's own adapter). ``warm_start``: the adapter to continue from (``cumulative`` mode).
+    request's own adapter). ``warm_start``: the adapter to continue from (``cumulative`` mode). ``on_step(done,
+    total)`` is called after every optimizer step (a service reports progress and may stop the run by raising).
     Returns the final epoch's mean losses.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -250,6 +252,7 @@ def train_unlearning_lora(model: nn.Module, tokenizer, records: Sequence[dict], 
         sched = get_linear_schedule_with_warmup(opt, int(config.warmup_ratio * steps), steps)
         peft_model.train()
         losses: dict[str, float] = {}
+        done = 0
         bar = tqdm(range(config.epochs), desc=f"o3 lora {request_name}", disable=not progress)
         for epoch in bar:
             ce_sum = orth_sum = 0.0
@@ -263,6 +266,9 @@ def train_unlearning_lora(model: nn.Module, tokenizer, records: Sequence[dict], 
                 sched.step()
                 ce_sum += float(ce.detach())
                 orth_sum += float(orth.detach())
+                done += 1
+                if on_step is not None:
+                    on_step(done, steps)
             losses = {"ce": ce_sum / len(batches), "orth": orth_sum / len(batches)}
             bar.set_postfix(losses)
         out_dir = Path(out_dir)

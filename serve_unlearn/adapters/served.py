@@ -113,3 +113,21 @@ def check_reach(names: list[str], detectors: list, config: GateConfig) -> None:
                 f"the detector of request {name!r} can give at most w={reach:.3f}, below the gate policy's "
                 f"full-scale weight {config.policy.full_scale_weight}: it could never route a prompt to the "
                 "adapter; its calibration is damaged or was trained with a tiny zeta: register the request again")
+
+
+def load_guard_gate(registry: ForgetRegistry, guards: list[tuple[str, str, dict[str, str]]],
+                    config: GateConfig | None = None) -> Gate:
+    """A gate over the detectors of filings not yet in force (``(name, path relative to the registry root,
+    file manifest)`` each), every file checked against its manifest first: the interim refusal of what they
+    flag while their adapters train."""
+    from ..registry.integrity import verify_tree
+    from .detector import DetectorEnsemble
+
+    if not guards:
+        return Gate(lambda texts: None, [], config)
+    for name, rel, files in guards:
+        verify_tree(Path(registry.root), rel, files, f"the guard of forget request {name!r}")
+    ensemble = DetectorEnsemble.load([Path(registry.root) / rel for _, rel, _ in guards])
+    config = config or GateConfig()
+    check_reach([name for name, _, _ in guards], ensemble.detectors, config)
+    return Gate(ensemble.weights, [name for name, _, _ in guards], config)

@@ -6,6 +6,8 @@ reads it; the registry itself knows nothing of what the artifacts are. Importing
 """
 
 from .forget_registry import DATABASE_ENV, ForgetRegistry, Staging, check_name
+from .queue import ForgetQueue, Job
 from .store import ForgetRequest, Owner
 
-__all__ = ["DATABASE_ENV", "ForgetRegistry", "ForgetRequest", "Owner", "Staging", "check_name"]
+__all__ = ["DATABASE_ENV", "ForgetQueue", "ForgetRegistry", "ForgetRequest", "Job", "Owner", "Staging",
+           "check_name"]

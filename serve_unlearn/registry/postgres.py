@@ -56,6 +56,8 @@ class PostgresStore(SQLStore):
     operation, like the SQLite store, so it is safe across threads and forked server processes."""
 
     _LEASE_EXPIRED = "heartbeat_at < now() - lease_s * interval '1 second'"
+    _SEQ_COLUMN = "BIGSERIAL PRIMARY KEY"
+    _SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, dsn: str, *, create: bool, lease_ttl: float = 60.0):
         if not lease_ttl > 0:
@@ -79,7 +81,7 @@ class PostgresStore(SQLStore):
             con.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
             tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables WHERE "
                                                 "table_schema = current_schema()")}
-            self._open_schema(con, tables, create, schema("BIGSERIAL PRIMARY KEY", _EXTRA_COLUMNS))
+            self._open_schema(con, tables, create, schema(self._SEQ_COLUMN, _EXTRA_COLUMNS))
 
     @contextlib.contextmanager
     def _session(self, *, autocommit: bool) -> Iterator[_Connection]:
@@ -101,6 +103,9 @@ class PostgresStore(SQLStore):
             if write:  # the registry's write lock: one writer at a time, as BEGIN IMMEDIATE gives on SQLite
                 con.execute("SELECT value FROM meta WHERE key = ? FOR UPDATE", (GENERATION_KEY,))
             yield con
+
+    def _transaction(self) -> contextlib.AbstractContextManager[_Connection]:
+        return self._session(autocommit=False)
 
     def insert(self, request: ForgetRequest, owner: Owner) -> None:
         """The shared insert, with the owner's first lease in the same transaction."""

@@ -14,6 +14,8 @@ from .store import SQLStore, schema
 class SQLiteStore(SQLStore):
     """The registry in ``registry.sqlite`` (WAL); writes take SQLite's write lock up front (BEGIN IMMEDIATE)."""
 
+    _SEQ_COLUMN = "INTEGER PRIMARY KEY AUTOINCREMENT"
+
     def __init__(self, path: Path, *, create: bool):
         self.path = path
         self.where = str(path)
@@ -27,7 +29,7 @@ class SQLiteStore(SQLStore):
                 con.execute("BEGIN IMMEDIATE")
                 tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND "
                                                     "name NOT LIKE 'sqlite_%'")}
-                self._open_schema(con, tables, create, schema("INTEGER PRIMARY KEY AUTOINCREMENT"))
+                self._open_schema(con, tables, create, schema(self._SEQ_COLUMN))
                 con.execute("COMMIT")
         finally:
             con.close()

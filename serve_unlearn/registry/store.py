@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from ..errors import RegistryError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the forget-request queue (jobs), added to a version-1 registry on open
 GENERATION_KEY = "generation"
 # reserved keys of the artifacts JSON: the file manifest and its signature (not artifact names)
 FILES_KEY, SIGNATURE_KEY = "__files__", "__signature__"
@@ -46,6 +46,36 @@ def schema(seq_column: str, extra_columns: str = "") -> tuple[str, ...]:
         # At most one live (training or ready) request per name, even if two processes race past the check.
         "CREATE UNIQUE INDEX requests_live_name ON requests (name) WHERE status IN ('training', 'ready')",
         "CREATE INDEX requests_status ON requests (status)",
+        *jobs_schema(seq_column),
+    )
+
+
+def jobs_schema(seq_column: str) -> tuple[str, ...]:
+    """The queue of forget requests filed over HTTP (:mod:`~serve_unlearn.registry.queue`): one row per filing,
+    from ``queued`` to ``in_force`` / ``retired`` / ``failed``; the trained artifacts are a ``requests`` row."""
+    return (
+        f"""CREATE TABLE jobs (
+            seq {seq_column},
+            id TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            method TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('queued', 'training', 'guarded', 'ready', 'in_force',
+                                                   'failed', 'retired')),
+            created_at TEXT NOT NULL,
+            spec TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL,
+            progress TEXT NOT NULL DEFAULT '{{}}',
+            timings TEXT NOT NULL DEFAULT '{{}}',
+            result TEXT NOT NULL DEFAULT '{{}}',
+            error TEXT,
+            owner_pid INTEGER,
+            owner_start TEXT,
+            owner_host TEXT,
+            heartbeat DOUBLE PRECISION)""",
+        # one live filing per name, even if two API replicas race past the check
+        "CREATE UNIQUE INDEX jobs_live_name ON jobs (name) WHERE status NOT IN ('failed', 'retired')",
+        "CREATE INDEX jobs_status ON jobs (status)",
     )
 
 
@@ -125,6 +155,8 @@ class SQLStore(abc.ABC):
     """
 
     where: str  # the database, as error messages name it
+    _SEQ_COLUMN: str  # the dialect's auto-increment key
+    _SKIP_LOCKED = ""  # PostgreSQL: claim a queued row without waiting for rows other workers hold
     _LEASE_EXPIRED = "0"  # stores without leases rely on the same-host pid check alone
 
     @abc.abstractmethod
@@ -140,6 +172,10 @@ class SQLStore(abc.ABC):
             if row[0] > SCHEMA_VERSION:
                 raise RegistryError(f"registry {self.where} has schema version {row[0]}, written by a newer "
                                     f"serve-unlearn (this one reads up to {SCHEMA_VERSION}); upgrade serve-unlearn")
+            if row[0] == 1:  # additive: a version-1 registry gains the queue table, its rows stay as they are
+                for statement in jobs_schema(self._SEQ_COLUMN):
+                    con.execute(statement)
+                con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
         elif tables:
             raise RegistryError(f"{self.where} is not a serve-unlearn registry (it holds other tables: "
                                 f"{', '.join(sorted(tables))}); give the registry a database of its own")
@@ -179,6 +215,11 @@ class SQLStore(abc.ABC):
         con.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = ?",
                     (GENERATION_KEY,))
         return int(con.execute("SELECT value FROM meta WHERE key = ?", (GENERATION_KEY,)).fetchone()[0])
+
+    def _transaction(self) -> contextlib.AbstractContextManager[Connection]:
+        """One transaction for a row-level operation (claiming a queued job): SQLite has only its write lock;
+        PostgreSQL overrides this with a transaction that does not take the registry-wide lock."""
+        return self._connect(write=True)
 
     def lease(self, request_id: str) -> contextlib.AbstractContextManager:
         """Keeps the owner's lease on a training row alive while the block runs (a no-op without leases)."""

@@ -27,9 +27,19 @@ class BankConfig(StrictConfig):
         return self
 
 
+class GuardConfig(StrictConfig):
+    """Filings not yet in force (the control plane's ``guarded``/``ready``) refuse what their detectors flag."""
+
+    enabled: bool = True
+    # what a flagged prompt gets, as the assistant's answer in the route's own format
+    refusal: str = Field("I can't help with that: it concerns information its owner asked this service to "
+                         "forget.", min_length=1)
+
+
 class VllmServeConfig(StrictConfig):
     gate: GateConfig = Field(default_factory=GateConfig)
     bank: BankConfig = Field(default_factory=BankConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     # the names clients use for the base model; default: what vLLM serves (--served-model-name, else the path)
     served_model_name: str | None = None
     # other model names non-admin clients may name (LoRAs the operator serves with --lora-modules); a name that

@@ -59,40 +59,50 @@ def load_into_server(registry: ForgetRegistry, server: str, config: VllmServeCon
                      api_key: str | None = None, drain_timeout_s: float = 60.0) -> HotLoadReport:
     """Load, publish and switch to what the registry serves now (its generation) on ``server``
     (e.g. http://host:8000)."""
+    return load_into_servers(registry, [server], config, api_key=api_key, drain_timeout_s=drain_timeout_s)
+
+
+def load_into_servers(registry: ForgetRegistry, servers: list[str], config: VllmServeConfig | None = None, *,
+                      api_key: str | None = None, drain_timeout_s: float = 60.0) -> HotLoadReport:
+    """Put the registry's generation in force on every server of a deployment, all or nothing: the bank is
+    loaded into each server first; if one refuses, what was loaded is unloaded everywhere and nothing is
+    published (ServerError). Then one publication switches every middleware, and the old version is unloaded
+    from each server once it drained. With no ready request left, the publication routes to the base model."""
     config = config or VllmServeConfig()
-    server = server.rstrip("/")
+    servers = [s.rstrip("/") for s in servers]
     generation = registry.generation  # bank names carry it: a retire changes what is served, too
     adapter = served_adapter(registry, up_to_version=generation)
-    if adapter is None:
-        raise ServerError("the registry has no ready forget request to load")
     old = published_bank(registry)
     if old is not None and old.version == generation:
         return HotLoadReport(generation, 0.0, 0.0)
-    bank = build_bank(adapter, bank_dir(registry), generation, config.bank.scales)
+    bank = None if adapter is None else build_bank(adapter, bank_dir(registry), generation, config.bank.scales)
     t0 = time.perf_counter()
-    loaded: list[str] = []
-    for name, path in zip(bank.names, bank.paths):
-        status, text = _call(f"{server}/v1/load_lora_adapter", "POST",
-                             {"lora_name": name, "lora_path": str(path)}, api_key)
-        if status != 200:
-            _unload(server, loaded, api_key)
-            hint = (f" Set ${ADMIN_TOKEN_ENV} here to the server's admin token." if status in (401, 403) else
-                    " Start vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (serve-unlearn vllm does) and "
-                    "--enable-lora with --max-lora-rank >= the adapter's rank.")
-            raise ServerError(f"the server refused to load adapter {name!r} (HTTP {status}: {text.strip()[:300]})."
-                              + hint)
-        loaded.append(name)
+    loaded: dict[str, list[str]] = {s: [] for s in servers}
+    for server in servers:
+        for name, path in zip(bank.names, bank.paths) if bank else ():
+            status, text = _call(f"{server}/v1/load_lora_adapter", "POST",
+                                 {"lora_name": name, "lora_path": str(path)}, api_key)
+            if status != 200:
+                for done_server, names in loaded.items():
+                    _unload(done_server, names, api_key)
+                hint = (f" Set ${ADMIN_TOKEN_ENV} here to the server's admin token." if status in (401, 403) else
+                        " Start vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (serve-unlearn vllm does) and "
+                        "--enable-lora with --max-lora-rank >= the adapter's rank.")
+                raise ServerError(f"{server} refused to load adapter {name!r} (HTTP {status}: "
+                                  f"{text.strip()[:300]}); nothing was switched on any server." + hint)
+            loaded[server].append(name)
     load_s = time.perf_counter() - t0
     publish(registry, bank)
     t1 = time.perf_counter()
-    _wait_for_switch(server, bank, old, api_key, drain_timeout_s)
+    for server in servers:
+        _wait_for_switch(server, generation if bank else None, old, api_key, drain_timeout_s)
     switch_s = time.perf_counter() - t1
-    unloaded = _unload(server, list(old.names) if old else [], api_key)
-    logger.info("version %s in force on %s (load %.2fs, switch %.2fs)", bank.version, server, load_s, switch_s)
-    return HotLoadReport(bank.version, load_s, switch_s, loaded, unloaded)
+    unloaded = [n for server in servers for n in _unload(server, list(old.names) if old else [], api_key)]
+    logger.info("version %s in force on %s (load %.2fs, switch %.2fs)", generation, servers, load_s, switch_s)
+    return HotLoadReport(generation, load_s, switch_s, [n for names in loaded.values() for n in names], unloaded)
 
 
-def _wait_for_switch(server: str, bank: AdapterBank, old: AdapterBank | None, api_key: str | None,
+def _wait_for_switch(server: str, version: int | None, old: AdapterBank | None, api_key: str | None,
                      timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -100,7 +110,7 @@ def _wait_for_switch(server: str, bank: AdapterBank, old: AdapterBank | None, ap
         if status == 200:
             s = json.loads(text)
             drained = old is None or not s.get("inflight", {}).get(str(old.version))
-            if s.get("version") == bank.version and drained:
+            if s.get("version") == version and drained:
                 return
         elif status in (401, 403):
             raise ServerError(f"{server} refused the status page (HTTP {status}); set ${ADMIN_TOKEN_ENV} here to "
@@ -109,8 +119,8 @@ def _wait_for_switch(server: str, bank: AdapterBank, old: AdapterBank | None, ap
             raise ServerError(f"{server} has no serve-unlearn middleware ({STATUS_PATH} is 404); launch it with "
                               "`serve-unlearn vllm` or --middleware serve_unlearn.serving.vllm.O3Middleware")
         if time.monotonic() > deadline:
-            logger.warning("version %s: the middleware did not confirm the switch within %.0fs; unloading the "
-                           "old version anyway", bank.version, timeout_s)
+            logger.warning("version %s: the middleware of %s did not confirm the switch within %.0fs; unloading "
+                           "the old version anyway", version, server, timeout_s)
             return
         time.sleep(0.2)
 

@@ -35,6 +35,7 @@ from .audit import AuditLog
 from .bank import NAME_PREFIX
 from .config import VllmServeConfig
 from .contract import ADMIN_HEADER, CONFIG_ENV, REGISTRY_ENV, SERVED_MODELS_ENV, STATUS_PATH
+from .guard import GUARD_HEADER, Guards, refusal
 from .request_text import Unscorable, request_segments
 from .routes import RouteClass, RouteTable
 from .routing import Routing, load_routing, published_bank
@@ -71,6 +72,7 @@ class O3Middleware:
         self.table: RouteTable | None = None
         self._inflight: dict[int | None, int] = {}
         self.audit = AuditLog(self.config.audit)
+        self.guards = Guards(self.config.guard, self.config.gate)
         self.models = self._model_names()
         self._next_poll = 0.0 if routing is None else math.inf  # a routing given by the caller is kept
         self._reload_task: asyncio.Task | None = None
@@ -101,6 +103,7 @@ class O3Middleware:
     def _load_initial(self) -> None:
         try:
             self.routing = load_routing(self._open_registry(), self.config.gate)
+            self.guards.refresh(self.registry)
             self.error = None
             logger.info("serve-unlearn middleware: routing to bank version %s", self.routing.version)
         except Exception as exc:  # noqa: BLE001 - the server must come up and report, not crash
@@ -133,6 +136,7 @@ class O3Middleware:
             return
         try:
             bank = await loop.run_in_executor(None, published_bank, self._open_registry())
+            await loop.run_in_executor(None, self.guards.refresh, self.registry)
         except Exception as exc:  # noqa: BLE001
             logger.error("serve-unlearn: cannot read the published version: %s", exc)
             return
@@ -175,6 +179,7 @@ class O3Middleware:
         routing = self.routing
         return {"version": routing.version if routing else None, "error": self.error, "alert": self.alert,
                 "requests": list(routing.gate.request_names) if routing else [],
+                "guards": self.guards.names, "guard_error": self.guards.error,
                 "gate": dict(routing.gate.counters) if routing else {},
                 "inflight": {str(k): v for k, v in self._inflight.items() if v},
                 "routes": self.table.by_class() if self.table else None}
@@ -281,10 +286,22 @@ class O3Middleware:
             texts = request_segments(data)
             if not texts:
                 raise Unscorable("no text to score")
+            guarded = await asyncio.get_running_loop().run_in_executor(None, self.guards.flagged, texts)
+            if guarded is not None:
+                return await self._refuse(send, template, data, guarded)
             (decision,) = await asyncio.get_running_loop().run_in_executor(None, routing.gate.decide, [texts])
         except Unscorable as exc:
             (decision,) = routing.gate.fail(1, str(exc))
         return await self._forward(scope, receive, send, template, data, routing, decision, texts, t0)
+
+    async def _refuse(self, send, template: str, data: dict, request: str) -> None:
+        """A flagged prompt of a filing not yet in force: the refusal, in the route's format (guard.py)."""
+        metrics.DECISIONS.labels("guarded", template).inc()
+        status, content_type, body = refusal(template, data, self.config.guard.refusal)
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode()),
+            (GUARD_HEADER, request.encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     async def _forward(self, scope, receive, send, template: str, data: dict, routing: Routing,
                        decision: GateDecision, texts: list[str], t0: float) -> None:
