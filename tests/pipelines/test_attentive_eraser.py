@@ -32,86 +32,25 @@ from serve_unlearn.pipelines.attentive_eraser import (
     resolve_applied_layers,
     self_attention_layers,
 )
+from serve_unlearn.testing.tiny_sd import (
+    tiny_sd_components,
+    tiny_sdxl_components,
+    tiny_text_encoder,
+    tiny_vae,
+)
 
 LOGGER = "serve_unlearn.pipelines.attentive_eraser"
 
 
-# -- tiny components -------------------------------------------------------------------------------------------
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def _tokenizer(folder):
-    """A byte-level CLIP tokenizer (no merges) from files written here: the Hub is not reachable."""
-    import transformers
-    from transformers import CLIPTokenizer
-
-    chars = _bytes_to_unicode()
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
-    return CLIPTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
-                         model_max_length=77)
-
-
-def _text_encoder(tok, hidden, projection=False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    cfg = CLIPTextConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=2, num_hidden_layers=2,
-                         vocab_size=len(tok), max_position_embeddings=77, projection_dim=hidden)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
-
-
-def _vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                         norm_num_groups=4, layers_per_block=1)
-
-
-def _unet(**family):
-    """The tiny 4-channel UNet both families share (two blocks, 16x16 latents, attention in the deeper block),
-    with the family's attention and conditioning settings; in eval mode."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, **family,
-    ).eval()
-
-
+# -- tiny components (serve_unlearn.testing.tiny_sd) ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def sd_components(tmp_path_factory):
-    """SD-style: UNet (16, 32) with self-attention at 16x16 tokens for 64 px (VAE factor 2)."""
-    torch.manual_seed(0)
-    tok = _tokenizer(tmp_path_factory.mktemp("tok"))
-    unet = _unet(cross_attention_dim=16, attention_head_dim=2)
-    return {"vae": _vae(), "text_encoder": _text_encoder(tok, 16), "tokenizer": tok, "unet": unet}
+    return tiny_sd_components(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
 def sdxl_components(tmp_path_factory):
-    """SDXL-style: two text encoders, text_time micro-conditioning, 2 transformer layers in the deep blocks."""
-    torch.manual_seed(0)
-    tok = _tokenizer(tmp_path_factory.mktemp("tokxl"))
-    unet = _unet(attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-                 addition_time_embed_dim=4, transformer_layers_per_block=(1, 2),
-                 projection_class_embeddings_input_dim=40, cross_attention_dim=32)
-    return {"vae": _vae(), "text_encoder": _text_encoder(tok, 16), "text_encoder_2": _text_encoder(tok, 16, True),
-            "tokenizer": tok, "tokenizer_2": tok, "unet": unet}
+    return tiny_sdxl_components(tmp_path_factory.mktemp("tokxl"))
 
 
 @pytest.fixture
@@ -579,7 +518,7 @@ def _tiny_dit_pipe():
 
     transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                         num_layers=1, sample_size=8, patch_size=2, norm_num_groups=8)
-    return DiTPipeline(transformer=transformer, vae=_vae(), scheduler=DDIMScheduler())
+    return DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler())
 
 
 def test_unsupported_denoisers_raise_typed_errors(sd_components, tmp_path):
@@ -616,7 +555,7 @@ def test_salun_patch_applies_to_the_pipeline_unet(sd_components, tiny_unet):
     patch = salun(tiny_unet, task, forget, None, SalUnConfig(ratio=0.05, lr=1e-3, epochs=1, batch_size=2),
                   progress=False)
     pipe = StableDiffusionAttentiveEraserPipeline(**{**sd_components, "unet": tiny_unet,
-                                                     "text_encoder": _text_encoder(sd_components["tokenizer"], 32)},
+                                                     "text_encoder": tiny_text_encoder(sd_components["tokenizer"], 32)},
                                                   scheduler=AE_PRESET_SD.scheduler())
     pipe.set_progress_bar_config(disable=True)
     before = _run(pipe, num_inference_steps=2)

@@ -19,7 +19,7 @@ import torch
 from ...errors import EraserInputError
 from ...kernels import MASKED_ATTENTION_BACKENDS
 from .attention_processor import AttentiveEraserCFGSelfAttnProcessor, AttentiveEraserSelfAttnProcessor
-from .inputs import as_processor_input, expand_batch, image_size
+from .inputs import DEFAULT_MAX_PIXELS, as_processor_input, check_pixels, expand_batch, input_size
 from .layers import BLOCK_INDEX, check_unet, resolve_applied_layers
 from .masks import build_mask_pyramid, dilate_mask, latent_mask, paste_back_weights
 from .state import AttentionRedirectionState
@@ -42,6 +42,8 @@ class AttentiveEraserMixin:
     """
 
     _ae_preset = None  # an EraserPreset, set by each pipeline class
+    # the largest working size (height x width per image) a call accepts; None lifts the bound
+    ae_max_pixels: int | None = DEFAULT_MAX_PIXELS
     _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "noise_pred", "image_latents", "mask_latents"]
 
     # -- construction ------------------------------------------------------------------------------------------
@@ -146,25 +148,24 @@ class AttentiveEraserMixin:
         return mask_dilation
 
     def _prepare_image_and_mask(self, image, mask_image, height, width, mask_dilation):
-        """(images (n, 3, H, W) in [-1, 1], masks (m, 1, H, W) in {0, 1} after binarising and dilation, H, W)."""
+        """(images (n, 3, H, W) in [-1, 1], masks (m, 1, H, W) in {0, 1} after binarising and dilation, H, W).
+
+        The working size is checked against ``ae_max_pixels`` before the inputs are converted or encoded.
+        """
         if image is None or mask_image is None:
             raise EraserInputError("both image and mask_image are required (mask: white/1 = remove)")
-        image = as_processor_input(image, "image")
-        mask_image = as_processor_input(mask_image, "mask_image")
-        image_hw, mask_hw = image_size(image), image_size(mask_image)
-        if image_hw is None or mask_hw is None:
-            raise EraserInputError(f"cannot read the size of the {'image' if image_hw is None else 'mask_image'}: "
-                                   "give HxW, CxHxW or BxCxHxW tensors, HxW(xC) arrays or PIL images")
-        if image_hw != mask_hw:
-            logger.warning("mask_image is %dx%d but image is %dx%d: the mask is resized to the image and "
-                           "binarised at 0.5", *mask_hw, *image_hw)
+        image_hw, mask_hw = input_size(image, "image"), input_size(mask_image, "mask_image")
         f = self.vae_scale_factor
         height = (height or image_hw[0]) // f * f
         width = (width or image_hw[1]) // f * f
+        check_pixels(height, width, self.ae_max_pixels)
         if height < f or width < f:
             raise EraserInputError(f"{height}x{width} is too small: give at least {f}x{f} pixels")
-        if isinstance(mask_image, torch.Tensor) and mask_image.dim() in (2, 3):
-            mask_image = mask_image.reshape(-1, 1, *mask_image.shape[-2:])
+        image = as_processor_input(image, "image", is_mask=False)
+        mask_image = as_processor_input(mask_image, "mask_image", is_mask=True)
+        if tuple(image_hw) != tuple(mask_hw):
+            logger.warning("mask_image is %dx%d but image is %dx%d: the mask is resized to the image and "
+                           "binarised at 0.5", *mask_hw, *image_hw)
         init_image = self.image_processor.preprocess(image, height=height, width=width).float()
         mask = self.mask_processor.preprocess(mask_image, height=height, width=width).float()  # binarised at 0.5
         empty = mask.flatten(1).amax(dim=1) == 0

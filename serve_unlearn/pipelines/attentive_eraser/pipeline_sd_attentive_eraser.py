@@ -99,10 +99,13 @@ class StableDiffusionAttentiveEraserPipeline(AttentiveEraserMixin, StableDiffusi
         r"""Erase the masked object and redraw the background there.
 
         Args:
-            image: the photo (PIL, numpy, or a [0, 1] channels-first tensor; or a list for a batch).
-            mask_image: what to remove, white / 1 = remove; one mask per image or one for all. A mask of another
+            image: the photo (PIL of any mode, numpy channels-last, or a [0, 1] channels-first tensor; or a list
+                for a batch; see ``inputs`` for the layouts). Alpha is composited over white. At most
+                ``pipe.ae_max_pixels`` (default 2048 x 2048) pixels per image at the working size.
+            mask_image: what to remove, white / 1 = remove; one mask per image or one for all. A mask with a
+                not fully opaque alpha channel uses the alpha; other masks their luminance. A mask of another
                 size is resized (warning); grey levels are binarised at 0.5; an empty mask erases nothing (the
-                output is the image through the VAE, warning).
+                output is the image through the VAE, warning). NaN/inf or values outside the range are refused.
             prompt: usually "" as in the reference; with ``guidance_scale > 1`` a prompt steers the fill (CFG).
             height, width: default the image's size, rounded down to a multiple of the VAE factor.
             strength, num_inference_steps: as img2img; ``int(strength * steps)`` steps are executed.
