@@ -6,6 +6,8 @@
     serve-unlearn o3 forget|retire|score|list ...
     serve-unlearn erase --model DIR --image IN --mask MASK --out OUT
     serve-unlearn vllm --model DIR --registry DIR [--config YAML] [-- vllm serve args]
+    serve-unlearn serve --config YAML [--host H] [--port P] [--engine embedded|ray]
+    serve-unlearn worker --config YAML
 
 One module per command group registers its parser (``add_*_parser``) and runs it; each imports the heavy
 libraries only when its command runs. Errors a user can cause print one line (``error: ...``) and exit with
@@ -19,9 +21,11 @@ import sys
 
 from ..errors import ServeUnlearnError
 from .erase import add_erase_parser
+from .eval import add_eval_parser
 from .methods import add_method_parsers
 from .o3 import add_o3_parser
 from .patch import add_patch_parser
+from .serve import add_serve_parser
 from .vllm import add_vllm_parser
 
 __all__ = ["build_parser", "main"]
@@ -35,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_o3_parser(sub)
     add_erase_parser(sub)
     add_vllm_parser(sub)
+    add_serve_parser(sub)
+    add_eval_parser(sub)
     return p
 
 

@@ -7,16 +7,19 @@ tokens), exactly as O3. It returns the texts and the gate's decisions, so caller
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..adapters.gate import Gate, GateConfig, GateDecision, Prompt
 from ..adapters.orthogonal_lora import check_adapter_base
 from ..adapters.served import load_gate, served_adapter
-from ..errors import GateInputError
+from ..errors import ArtifactError, GateInputError
 from ..registry import ForgetRegistry
 from .per_sample_lora import PerSampleLoraScale
 
@@ -38,7 +41,7 @@ class GatedGeneration:
 class GatedGenerator:
     """Holds the base model with the registry's served adapter and a gate; :meth:`refresh` picks up new requests."""
 
-    def __init__(self, model, tokenizer, registry: ForgetRegistry, gate_config: GateConfig | None = None):
+    def __init__(self, model, tokenizer, registry: ForgetRegistry | None, gate_config: GateConfig | None = None):
         self.base = model
         self.tokenizer = tokenizer
         self.registry = registry
@@ -49,13 +52,48 @@ class GatedGenerator:
         self.generation: int | None = None
         self.refresh()
 
+    @classmethod
+    def from_folders(cls, model, tokenizer, detector_dirs: str | os.PathLike | Sequence[str | os.PathLike],
+                     adapter_dir: str | os.PathLike | None, gate_config: GateConfig | None = None,
+                     names: Sequence[str] | None = None) -> GatedGenerator:
+        """A generator over artifact folders that are not (yet) served from a registry: a forget request's staging
+        folders, evaluated before the request is put in force. ``detector_dirs``: one detector folder, or every
+        request's (the earlier ones and the new one, in registry order); ``adapter_dir``: the adapter to serve
+        with them (the new request's ``served`` folder). The folders are read as they are: verifying them
+        against a manifest is the registry's job. :meth:`refresh` does nothing on such a generator."""
+        from ..adapters.detector import DetectorEnsemble
+        from ..adapters.served import check_reach
+
+        dirs = ([Path(detector_dirs)] if isinstance(detector_dirs, (str, os.PathLike))
+                else [Path(d) for d in detector_dirs])
+        names = list(names) if names is not None else [f"{i}:{d.parent.name}/{d.name}" for i, d in enumerate(dirs)]
+        if len(names) != len(dirs):
+            raise ArtifactError(f"{len(names)} names for {len(dirs)} detector folders")
+        gen = cls(model, tokenizer, None, gate_config)
+        if dirs:
+            ensemble = DetectorEnsemble.load(dirs)
+            check_reach(names, ensemble.detectors, gen.gate_config)
+            gate = Gate(ensemble.weights, names, gen.gate_config)
+        else:
+            gate = Gate(lambda texts: None, [], gen.gate_config)
+        gen._install(Path(adapter_dir) if adapter_dir is not None else None, gate, None)
+        return gen
+
     def refresh(self) -> bool:
         """Reload the adapter and detectors if the registry changed since the last load; True when it did."""
+        if self.registry is None:
+            if self.gate is None:
+                self.gate = Gate(lambda texts: None, [], self.gate_config)
+            return False
         generation = self.registry.generation
         if generation == self.generation:
             return False
         adapter_dir = served_adapter(self.registry, up_to_version=generation)
         gate = load_gate(self.registry, self.gate_config, up_to_version=generation)
+        self._install(adapter_dir, gate, generation)
+        return True
+
+    def _install(self, adapter_dir: Path | None, gate: Gate, generation: int | None) -> None:
         if adapter_dir is not None:
             check_adapter_base(adapter_dir, self.base)
         self._drop_adapter()
@@ -69,7 +107,17 @@ class GatedGenerator:
             self.gate.close()
         self.gate, self.generation = gate, generation
         logger.info("gated generator: registry generation %s, adapter %s", generation, adapter_dir)
-        return True
+
+    def scaled(self, scales: Sequence[float]):
+        """A context in which row b of any forward pass runs the adapter at ``scales[b]`` (e.g. to score answer
+        log-probabilities with the scales the gate chose); a no-op without an adapter."""
+        return self._scaler.scaled(list(scales)) if self._scaler is not None else contextlib.nullcontext()
+
+    def close(self) -> None:
+        """Take the adapter out of the base model (``model`` is the caller's again, as it was) and stop the gate."""
+        self._drop_adapter()
+        if self.gate is not None:
+            self.gate.close()
 
     def _drop_adapter(self) -> None:
         if self._scaler is not None:
