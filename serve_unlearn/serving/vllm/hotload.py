@@ -36,7 +36,7 @@ class HotLoadReport:
     unloaded: list[str] = field(default_factory=list)
 
 
-def _call(url: str, method: str = "GET", payload: dict | None = None, api_key: str | None = None,
+def call_server(url: str, method: str = "GET", payload: dict | None = None, api_key: str | None = None,
           timeout: float = 60.0) -> tuple[int, str]:
     """One request to the server, with vLLM's API key (when set) and the serve-unlearn admin token."""
     data = None if payload is None else json.dumps(payload).encode()
@@ -80,7 +80,7 @@ def load_into_servers(registry: ForgetRegistry, servers: list[str], config: Vllm
     loaded: dict[str, list[str]] = {s: [] for s in servers}
     for server in servers:
         for name, path in zip(bank.names, bank.paths) if bank else ():
-            status, text = _call(f"{server}/v1/load_lora_adapter", "POST",
+            status, text = call_server(f"{server}/v1/load_lora_adapter", "POST",
                                  {"lora_name": name, "lora_path": str(path)}, api_key)
             if status != 200:
                 for done_server, names in loaded.items():
@@ -106,7 +106,7 @@ def _wait_for_switch(server: str, version: int | None, old: AdapterBank | None, 
                      timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        status, text = _call(f"{server}{STATUS_PATH}", api_key=api_key)
+        status, text = call_server(f"{server}{STATUS_PATH}", api_key=api_key)
         if status == 200:
             s = json.loads(text)
             drained = old is None or not s.get("inflight", {}).get(str(old.version))
@@ -128,7 +128,7 @@ def _wait_for_switch(server: str, version: int | None, old: AdapterBank | None, 
 def _unload(server: str, names: list[str], api_key: str | None) -> list[str]:
     done = []
     for name in names:
-        status, text = _call(f"{server}/v1/unload_lora_adapter", "POST", {"lora_name": name}, api_key)
+        status, text = call_server(f"{server}/v1/unload_lora_adapter", "POST", {"lora_name": name}, api_key)
         if status == 200:
             done.append(name)
         else:
