@@ -1,10 +1,12 @@
 """Patch-apply throughput against a plain copy of the same tensor (the memory-bandwidth limit), and what
 verification costs on top.
 
-Throughput table. Target: ``masked_apply_`` >= 0.5x the GB/s of ``weight.copy_(other)``. GB/s counts the
-weight's bytes once for both (apply reads a mask of n/8 bytes and nnz values on top, copy reads a second tensor).
-The backend is what ``serve_unlearn.kernels.masked_apply_`` picks: torch on CPU, Triton on CUDA when triton is
-installed (``SERVE_UNLEARN_KERNEL_IMPL`` overrides).
+Throughput table. Target: ``masked_apply_`` >= 0.5x the GB/s of ``weight.copy_(other)``, and the same for
+``masked_gather`` (what an apply reads first to keep its undo). GB/s counts the weight's bytes once for all
+(apply reads a mask of n/8 bytes and nnz values on top, copy reads a second tensor). ``--impls`` lists the
+backends to compare (default: what ``serve_unlearn.kernels.masked_apply_`` picks, "auto": numba on CPU where it
+is installed, else torch; Triton on CUDA); each row is one backend. The table is also written as JSON and a plot
+(``--out``, default ``benchmarks/results/patch_apply.{json,png}``).
 
 Verification table (``--table verify``), one tensor patched through the public API, in ms: ``copy_`` (a plain
 copy of the tensor), ``write`` (the kernel alone), ``apply_patch(verify=False)`` (the write, the undo's gather
@@ -15,6 +17,8 @@ result's sha256 after the write: what a version-1 file gets by default).
 Each cell is the median of ``--repeats`` timed runs after a warm-up; the weight is restored between apply runs
 outside the timed region, so every run does the same work.
 
+    python benchmarks/patch_apply.py --sizes 128M --dtypes fp32 --densities 0.5 0.05 --threads 2 \
+        --impls torch numba --table throughput      # the issue-16 target: 512 MiB fp32, 50 % and 5 %
     python benchmarks/patch_apply.py                  # 4M, 16M, 64M elements; fp32, bf16; 1/10/50 %; both tables
     python benchmarks/patch_apply.py --sizes 4M --mode add --device cuda --table throughput
     python benchmarks/patch_apply.py --threads 1      # steadier on a small, shared CPU box
@@ -23,12 +27,20 @@ outside the timed region, so every run does the same work.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from serve_unlearn.kernels import is_triton_available, masked_apply_, pack_mask
+from serve_unlearn.kernels import (
+    is_numba_available,
+    is_triton_available,
+    masked_apply_,
+    masked_gather,
+    pack_mask,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,7 +70,10 @@ def _median_seconds(fn, device: torch.device, repeats: int, reset=None) -> float
     return statistics.median(times)
 
 
-def bench_one(numel: int, dtype: torch.dtype, density: float, mode: str, device: torch.device, repeats: int):
+def bench_one(numel: int, dtype: torch.dtype, density: float, mode: str, device: torch.device, repeats: int,
+              impls=("auto",)):
+    """{impl: (apply s, gather s)}, the copy's seconds and the first-touch floor of the gather's output (a fresh
+    buffer of nnz elements written once: the page faults every new undo buffer pays, whatever the kernel)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     base = torch.randn(numel, generator=g).to(dtype).to(device)
     mask = torch.rand(numel, generator=g) < density
@@ -68,11 +83,35 @@ def bench_one(numel: int, dtype: torch.dtype, density: float, mode: str, device:
     weight = base.clone()
     other = torch.empty_like(base)
     t_copy = _median_seconds(lambda: weight.copy_(other), device, repeats)
-    t_apply = _median_seconds(
-        lambda: masked_apply_(weight, packed, values, mode), device, repeats, reset=lambda: weight.copy_(base)
-    )
-    gb = numel * base.element_size() / 1e9
-    return gb / t_apply, gb / t_copy, t_apply, t_copy
+    t_alloc = _median_seconds(lambda: torch.empty_like(values).fill_(0), device, repeats)
+    out = {}
+    for impl in impls:
+        def apply(impl=impl):
+            masked_apply_(weight, packed, values, mode, impl=impl)
+
+        t_apply = _median_seconds(apply, device, repeats, reset=lambda: weight.copy_(base))
+        t_gather = _median_seconds(lambda impl=impl: masked_gather(weight, packed, impl=impl), device, repeats)
+        out[impl] = (t_apply, t_gather)
+    return out, t_copy, t_alloc
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r['size']} {r['dtype']} {r['density']:.0%}\n{r['impl']}" for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["apply_over_copy"] for r in rows], 0.4, label="apply / copy_")
+    ax.bar([i + 0.2 for i in x], [r["gather_over_copy"] for r in rows], 0.4, label="gather (undo) / copy_")
+    ax.axhline(0.5, color="k", ls="--", lw=1, label="target 0.5")
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("throughput / plain copy_")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def bench_verify(numel: int, dtype: torch.dtype, density: float, mode: str, device: torch.device, repeats: int):
@@ -118,23 +157,45 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--table", choices=["throughput", "verify", "both"], default="both")
+    parser.add_argument("--impls", nargs="+", default=["auto"], choices=["auto", "torch", "numba", "triton"])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "patch_apply"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    backend = "triton" if device.type == "cuda" and is_triton_available() else "torch"
+    cpu = "numba" if is_numba_available() else "torch"
+    backend = "triton" if device.type == "cuda" and is_triton_available() else cpu
     print(f"device={device} ({torch.get_num_threads()} threads) backend(auto)={backend} mode={args.mode} "
           f"torch={torch.__version__} repeats={args.repeats} (median)\n")
     if args.table in ("throughput", "both"):
-        print("| elements | dtype | density | apply GB/s | copy GB/s | apply/copy | apply ms | copy ms |")
-        print("|---:|---|---:|---:|---:|---:|---:|---:|")
+        print("gather = the undo's read into a new buffer; 'alloc' = first touch of such a buffer alone\n")
+        print("| elements | dtype | density | impl | apply GB/s | copy GB/s | apply/copy | gather/copy | apply ms "
+              "| gather ms | alloc ms | copy ms |")
+        print("|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        rows = []
         for size in args.sizes:
             numel = _size(size)
             for name in args.dtypes:
                 for density in args.densities:
-                    a, c, ta, tc = bench_one(numel, DTYPES[name], density, args.mode, device, args.repeats)
-                    print(f"| {size} | {name} | {density:.0%} | {a:.2f} | {c:.2f} | {a / c:.2f} | "
-                          f"{ta * 1e3:.1f} | {tc * 1e3:.1f} |", flush=True)
+                    res, tc, tz = bench_one(numel, DTYPES[name], density, args.mode, device, args.repeats, args.impls)
+                    gb = numel * DTYPES[name].itemsize / 1e9
+                    for impl, (ta, tg) in res.items():
+                        rows.append({"size": size, "dtype": name, "density": density, "impl": impl, "apply_ms":
+                                     ta * 1e3, "gather_ms": tg * 1e3, "alloc_ms": tz * 1e3, "copy_ms": tc * 1e3,
+                                     "apply_over_copy": tc / ta, "gather_over_copy": tc / tg})
+                        print(f"| {size} | {name} | {density:.0%} | {impl} | {gb / ta:.2f} | {gb / tc:.2f} | "
+                              f"{tc / ta:.2f} | {tc / tg:.2f} | {ta * 1e3:.1f} | {tg * 1e3:.1f} | {tz * 1e3:.1f} | "
+                              f"{tc * 1e3:.1f} |",
+                              flush=True)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"device": str(device), "threads": torch.get_num_threads(), "mode": args.mode,
+                "repeats": args.repeats, "torch": torch.__version__}
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        try:
+            _plot(rows, out.with_suffix(".png"))
+        except ImportError:
+            print("(matplotlib is not installed: no plot; pip install 'serve-unlearn[eval]')")
     if args.table in ("verify", "both"):
         print("\nms per tensor; 'load check' is what WeightPatch.load adds (payload sha256), 'verified' = "
               "apply_patch default + load check\n")

@@ -110,7 +110,7 @@ class PatchEntry:
     def read_from(self, tensor: torch.Tensor) -> torch.Tensor:
         """The current values of ``tensor`` at the positions this entry writes (what an undo must restore)."""
         if self.form == "mask":
-            return masked_gather(tensor, self.mask).clone()
+            return masked_gather(tensor, self.mask)
         return tensor.detach().clone()
 
     def result_at(self, before: torch.Tensor, mode: Mode) -> torch.Tensor:

@@ -299,7 +299,8 @@ def test_explicit_triton_without_triton_raises(monkeypatch):
     "impl,env", [(None, None), ("auto", None), ("torch", None), (None, "torch"), (None, "auto")]
 )
 def test_cpu_weights_take_the_torch_path(monkeypatch, impl, env):
-    """auto falls back to torch on CPU silently (interpreter or not); torch is torch."""
+    """auto falls back to torch on CPU silently (interpreter or not) where numba is missing; torch is torch."""
+    monkeypatch.setattr(kernels.masked_apply, "is_numba_available", lambda: False)
     if env is None:
         monkeypatch.delenv(kernels.IMPL_ENV, raising=False)
     else:
