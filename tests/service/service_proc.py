@@ -81,6 +81,22 @@ class Service:
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), _decode(e.read(), e.headers.get("content-type", ""))
 
+    def declare_huge_body(self, path: str, size: int) -> tuple[int, dict]:
+        """Send only the headers of a ``size``-byte JSON POST and read the answer: the service must refuse it from
+        the declared length, without reading (or waiting for) the body."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         f"x-serve-unlearn-admin: {ADMIN}\r\nContent-Length: {size}\r\n\r\n".encode())
+            sock.sendall(b'{"name": "huge", "records": ["' + b"a" * 65536)  # the start of the body only
+            raw = b""
+            while b"\r\n\r\n" not in raw or len(raw.split(b"\r\n\r\n", 1)[1]) < 2 or not raw.endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                raw += chunk
+        head, body = raw.split(b"\r\n\r\n", 1)
+        return int(head.split()[1]), json.loads(body)
+
     def wait_for(self, request_id: str, statuses: set[str], timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
         seen = None
