@@ -159,7 +159,7 @@ def test_metrics_count_outcomes_batches_latency_and_rate(url):
     assert re.search(r'serve_unlearn_eraser_batch_size_bucket\{le="3.0"\} [1-9]', text)
     assert re.search(r'serve_unlearn_eraser_request_seconds_count\{status="200"\} [1-9]', text)
     assert "serve_unlearn_eraser_queue_depth 0.0" in text
-    assert float(re.search(r"serve_unlearn_eraser_images_per_second (\S+)", text).group(1)) > 0
+    assert float(re.search(r"\nserve_unlearn_eraser_images_per_second (\S+)", text).group(1)) > 0
     assert httpx.get(url + "/readyz").json()["checks"]["eraser"] == "ok"
 
 
