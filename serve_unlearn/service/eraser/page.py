@@ -34,7 +34,7 @@ PAGE = """<!doctype html>
   <input id="file" type="file" accept="image/png,image/jpeg,image/webp,image/bmp,image/gif,image/tiff">
   <label>brush <input id="brush" type="range" min="2" max="120" value="24"> <span id="brushval">24</span> px</label>
   <button id="clear" type="button">clear mask</button>
-  <label>steps <input id="steps" type="number" min="1" max="1000" value="50"></label>
+  <label>steps <input id="steps" type="number" min="1" max="1000" placeholder="default"></label>
   <label>seed <input id="seed" type="number" min="0" placeholder="random"></label>
   <label><input id="pasteback" type="checkbox" checked> keep pixels outside the mask</label>
   <button id="erase" type="button" disabled>Erase</button>
@@ -54,7 +54,7 @@ let file = null, painting = false, last = null, painted = false;
 
 function setStatus(text, error) { $("status").textContent = text; $("status").className = error ? "error" : ""; }
 function brush() { return Number($("brush").value) * photo.width / Math.max(1, photo.getBoundingClientRect().width); }
-$("brush").oninput = () => { $("brush" + "val").textContent = $("brush").value; };
+$("brush").oninput = () => { $("brushval").textContent = $("brush").value; };
 
 $("file").onchange = () => {
   file = $("file").files[0];
@@ -114,7 +114,7 @@ $("erase").onclick = async () => {
     const form = new FormData();
     form.append("image", file);
     form.append("mask", maskBlob, "mask.png");
-    form.append("num_inference_steps", $("steps").value);
+    if ($("steps").value !== "") form.append("num_inference_steps", $("steps").value);
     if ($("seed").value !== "") form.append("seed", $("seed").value);
     form.append("paste_back", $("pasteback").checked ? "true" : "false");
     const res = await fetch("/v1/images/erase", { method: "POST", body: form });
