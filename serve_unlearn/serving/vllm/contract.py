@@ -24,10 +24,12 @@ __all__ = [
     "MIDDLEWARE",
     "OVERLAP_KEY",
     "PATCHES_KEY",
+    "PATCHES_PATH",
     "REGISTRY_ENV",
     "SERVED_MODELS_ENV",
     "STATUS_PATH",
     "VLLM_CLI_MODULE",
+    "WORKER_EXTENSION",
     "bank_dir",
 ]
 
@@ -39,6 +41,9 @@ PATCHES_KEY, OVERLAP_KEY, INNER_FORMAT_KEY = "patches", "overlap", "inner_load_f
 MIDDLEWARE = "serve_unlearn.serving.vllm.O3Middleware"
 # the middleware's own admin-only page: the routed version, the route table, in-flight requests per version
 STATUS_PATH = "/serve-unlearn/status"
+# the admin route of live weight patches (live_patch) and the worker class vLLM mixes their methods into
+PATCHES_PATH = "/serve-unlearn/patches"
+WORKER_EXTENSION = "serve_unlearn.serving.vllm.worker_extension.LivePatchExtension"
 # the admin token travels in this header, or as ``Authorization: Bearer``; servers and admin clients read it
 # from ADMIN_TOKEN_ENV (the default of VllmServeConfig.admin_token_env)
 ADMIN_HEADER = "x-serve-unlearn-admin"

@@ -34,7 +34,7 @@ from .asgi import BodyTooLarge, error_body, header, read_body, replay, respond_j
 from .audit import AuditLog
 from .bank import NAME_PREFIX
 from .config import VllmServeConfig
-from .contract import ADMIN_HEADER, CONFIG_ENV, REGISTRY_ENV, SERVED_MODELS_ENV, STATUS_PATH
+from .contract import ADMIN_HEADER, CONFIG_ENV, PATCHES_PATH, REGISTRY_ENV, SERVED_MODELS_ENV, STATUS_PATH
 from .guard import GUARD_HEADER, Guards, refusal
 from .request_text import Unscorable, request_segments
 from .routes import RouteClass, RouteTable
@@ -209,6 +209,12 @@ class O3Middleware:
             if not self._is_admin(scope):
                 return await self._forbid(scope, send, "the status page")
             return await respond_json(send, 200, self.status())
+        if route_path(scope) == PATCHES_PATH and kind == "http":  # live weight patches (live_patch)
+            if not self._is_admin(scope):
+                return await self._forbid(scope, send, "live patches")
+            from .live_patch import handle
+
+            return await handle(scope, receive, send)
         template, route_class = table.match(scope) if table else (None, RouteClass.REFUSED)
         if kind == "websocket":  # streaming sessions (e.g. realtime audio) cannot be gated
             if route_class in (None, RouteClass.OPEN) or (route_class == RouteClass.ADMIN and self._is_admin(scope)):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from .contract import STATUS_PATH
+from .contract import PATCHES_PATH, STATUS_PATH
 
 
 class RouteClass(StrEnum):
@@ -47,7 +47,7 @@ ADMIN_ROUTES = frozenset({
     "/abort_requests", "/inference/v1/abort_requests", "/pause", "/resume", "/is_paused", "/update_weights",
     "/start_weight_update", "/finish_weight_update", "/init_weight_transfer_engine",
     "/shutdown_weight_transfer_engine", "/start_draft_weight_update", "/update_weight_version", "/weight_checker",
-    "/weight_info", "/get_world_size", STATUS_PATH,
+    "/weight_info", "/get_world_size", STATUS_PATH, PATCHES_PATH,
 })
 # Non-GET routes that produce no model output.
 OPEN_ROUTES = frozenset({"/tokenize", "/detokenize", "/ping", "/v1/messages/count_tokens",
