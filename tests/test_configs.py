@@ -40,8 +40,8 @@ def test_serve_config_documents_every_key():
     raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "serve.yaml").read_text())
     assert set(raw) == set(ServeConfig.model_fields)
     cfg = ServeConfig.from_yaml(Path(__file__).parents[1] / "configs" / "serve.yaml")
-    assert set(raw["vllm"]) == set(type(cfg.vllm).model_fields) and set(raw["worker"]) == set(
-        type(cfg.worker).model_fields)
+    for section in ("vllm", "worker", "evidence"):
+        assert set(raw[section]) == set(type(getattr(cfg, section)).model_fields), section
 
 
 def test_a_serve_config_with_nothing_to_serve_is_refused(tmp_path):

@@ -30,15 +30,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
-from ..config import StrictConfig
 from ..errors import EvalDataError, EvidenceError
 from ..registry.integrity import SIGNING_KEY_ENV, folder_manifest
 from .data import eval_set_from_records
 from .harness import EvalConfig, evaluate
+from .policy import VerificationPolicy
 
 __all__ = ["RECORD_KIND", "VerificationPolicy", "VerificationRecord", "canonical_json", "sign_record",
            "verify_candidate", "verify_record", "verify_record_file"]
@@ -46,25 +44,6 @@ __all__ = ["RECORD_KIND", "VerificationPolicy", "VerificationRecord", "canonical
 RECORD_KIND = "serve-unlearn/verification-record/1"
 _SUMMARY_KEYS = ("accuracy", "paraphrase_accuracy", "rouge_l_recall", "refusal_rate", "answer_probability", "n",
                  "digest")
-
-
-class VerificationPolicy(StrictConfig):
-    """What evidence a forget request needs before it is put in force, and what happens when it falls short."""
-
-    max_forget_accuracy: float = Field(
-        0.25, ge=0, le=1, description="the candidate's accuracy on the forget probes must be at most this "
-        "(0.25: at most one forget probe in four still answered)")
-    max_retain_drop: float = Field(
-        0.10, ge=0, le=1, description="base accuracy minus candidate accuracy on the retain probes must be at most "
-        "this (0.10: ten points; with ten retain probes one changed answer is ten points)")
-    min_forget_probes: int = Field(1, ge=1, description="fewer forget probes than this is a shortfall")
-    min_retain_probes: int = Field(1, ge=1, description="fewer retain probes than this is a shortfall")
-    on_shortfall: Literal["refuse", "flag"] = Field(
-        "refuse", description="refuse: do not put the request in force; flag: put it in force, flagged")
-    max_new_tokens: int = Field(32, ge=1, description="greedy tokens per probe answer")
-    batch_size: int = Field(16, ge=1)
-    probabilities: bool = Field(True, description="also record the gold answers' length-normalised probability")
-    n_boot: int = Field(1000, ge=10, description="bootstrap resamples per interval")
 
 
 @dataclass

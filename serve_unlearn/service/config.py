@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from ..config import StrictConfig
+from ..eval.policy import VerificationPolicy
 from ..serving.vllm.contract import ADMIN_TOKEN_ENV
 from .eraser.config import EraserConfig
 
@@ -61,6 +62,8 @@ class ServeConfig(StrictConfig):
     # ForgetConfig YAML every filing starts from (configs/o3_forget.yaml); a filing's `config` overrides keys
     forget_config: Path | None = None
     vllm: VllmSection = Field(default_factory=VllmSection)
+    # what a filing's probes must show before it is put in force (filings without probes are not verified)
+    evidence: VerificationPolicy = Field(default_factory=VerificationPolicy)
     worker: WorkerSection = Field(default_factory=WorkerSection)
     # the variable holding the deployment's admin token (the vLLM middleware reads the same one); unset or
     # empty: every admin route answers 401

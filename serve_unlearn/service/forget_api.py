@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from ..errors import ServeUnlearnError, UnlearnDataError
+from ..eval.data import eval_set_from_records
 from ..registry import ForgetQueue, Job, check_name
 from ..registry.queue import STATUSES
 from .auth import AdminAuth
@@ -174,10 +175,15 @@ def validate_filing(filing: dict, config, max_records: int) -> dict:
     except ServeUnlearnError as exc:
         raise ApiError(422, str(exc), "ValidationError") from None
     probes = filing.get("probes") or {}
-    if not isinstance(probes, dict) or set(probes) - {"forget", "retain"} or not all(
-            isinstance(v, list) for v in probes.values()):
-        raise ApiError(422, "probes must be {\"forget\": [...], \"retain\": [...]} (lists of question records)",
+    if not isinstance(probes, dict) or (probes and set(probes) != {"forget", "retain"}):
+        raise ApiError(422, "probes must be {\"forget\": [...], \"retain\": [...]}: held-out questions about what "
+                       "is forgotten and questions the model must still answer, each {question, answer}",
                        "ValidationError")
+    for key, items in probes.items():
+        try:
+            eval_set_from_records(key, items, f"probes.{key}")
+        except ServeUnlearnError as exc:
+            raise ApiError(422, f"probes: {exc}", "ValidationError") from None
     return {"name": name, "method": method, "records": clean, "overrides": overrides, "probes": probes,
             "config": merged.model_dump(mode="json")}
 

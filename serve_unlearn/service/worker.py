@@ -29,6 +29,14 @@ logger = logging.getLogger(__name__)
 GUARDS_FOLDER = "guards"
 
 
+class EvidenceShortfall(Exception):
+    """The candidate's evidence falls short of the policy: the filing fails and is not put in force."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
 class Withdrawn(Exception):
     """The filing was retired (or re-queued by another process) while this worker trained it."""
 
@@ -104,17 +112,28 @@ class Worker:
                 if not self.queue.move(job.id, "guarded", expect=("training",), result={"guard": guard}):
                     raise Withdrawn(job.id)
 
+            evidence: dict = {}
+
+            def before_ready(staging) -> None:
+                probes = submission.get("probes") or {}
+                if probes.get("forget") and probes.get("retain"):
+                    on_progress("verification", 0, 1)
+                    evidence.update(self._verify(job, staging, probes))
+
             t0 = time.perf_counter()
             request = forget(self.registry, job.name, submission["records"], model=self.model,
                              tokenizer=self.tokenizer, config=config, progress=False, on_progress=on_progress,
-                             on_detector=on_detector)
+                             on_detector=on_detector, before_ready=before_ready)
             result = {"request_id": request.id, "version": request.version, "train_s": round(
-                time.perf_counter() - t0, 2), "artifacts": {k: v for k, v in (request.files or {}).items()}}
+                time.perf_counter() - t0, 2), "artifacts": {k: v for k, v in (request.files or {}).items()},
+                **({"verification": evidence} if evidence else {})}
             if not self.queue.move(job.id, "ready", expect=("guarded", "training"), result=result):
                 # retired while it finished: take the registered request out again
                 self.registry.retire(request.id)
         except Withdrawn:
             logger.info("forget request %s was withdrawn during training", job.name)
+        except EvidenceShortfall as exc:
+            self._fail(job, str(exc), retry=False, result={"verification": exc.summary})
         except (UnlearnDataError, UnlearnConfigError) as exc:  # the filing itself is wrong: retrying cannot help
             self._fail(job, f"{type(exc).__name__}: {exc}", retry=False)
         except Exception as exc:
@@ -127,17 +146,49 @@ class Worker:
             if current not in ("guarded", "ready"):
                 shutil.rmtree(guard_root, ignore_errors=True)
 
+    def _verify(self, job: Job, staging, probes: dict) -> dict:
+        """Evaluate the candidate (the gate over every in-force detector and the new one, with the new served
+        adapter) against the filing's probes; the signed record becomes an artifact of the request. Falling short
+        under ``on_shortfall: refuse`` raises: the request is not registered and the filing fails."""
+        from ..eval.verification import sign_record, verify_candidate
+        from ..registry.integrity import signing_key
+        from ..serving.vllm.config import VllmServeConfig
+
+        earlier = [self.registry.verified_path(r, "detector") for r in self.registry.ready()]
+        gate = VllmServeConfig.load(self.config.vllm.config).gate
+        record = verify_candidate(model=self.model, tokenizer=self.tokenizer,
+                                  detector_dir=[*earlier, staging.dir / "detector"],
+                                  adapter_dir=staging.dir / staging.artifacts["served"], probes=probes,
+                                  policy=self.config.evidence, gate_config=gate,
+                                  request={"id": staging.request_id, "name": job.name, "filing": job.id})
+        doc = record.to_dict()
+        key = signing_key()
+        if key is not None:
+            doc = sign_record(doc, key)
+        (staging.dir / "verification.json").write_text(json.dumps(doc, indent=2, sort_keys=True))
+        staging.add_artifact("verification", "verification.json")
+        summary = {"passed": record.passed, "flagged": record.flagged, "reasons": record.reasons,
+                   "deltas": record.deltas, "report_digest": record.report_digest, "signed": key is not None,
+                   "forget_accuracy": record.candidate.get("forget", {}).get("accuracy"),
+                   "retain_accuracy": {"base": record.base.get("retain", {}).get("accuracy"),
+                                       "candidate": record.candidate.get("retain", {}).get("accuracy")}}
+        if not record.put_in_force:
+            raise EvidenceShortfall("the verification probes show the request falls short: "
+                                    + "; ".join(record.reasons) + " (policy on_shortfall: refuse; the record is "
+                                    "in the filing's result)", summary)
+        return summary
+
     def _status(self, job_id: str) -> str | None:
         try:
             return self.queue.get(job_id).status
         except ServeUnlearnError:
             return None
 
-    def _fail(self, job: Job, error: str, *, retry: bool) -> None:
+    def _fail(self, job: Job, error: str, *, retry: bool, result: dict | None = None) -> None:
         again = retry and job.attempts < job.max_attempts
         status = "queued" if again else "failed"
         note = "; re-queued" if again else ("" if not retry else f"; {job.max_attempts} attempts spent")
-        self.queue.move(job.id, status, expect=("training", "guarded"), result={"guard": None},
+        self.queue.move(job.id, status, expect=("training", "guarded"), result={"guard": None, **(result or {})},
                         error=error + note)
 
     def _beat(self, job_id: str, stop: threading.Event) -> None:

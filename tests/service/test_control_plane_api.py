@@ -31,6 +31,7 @@ def service(tiny_llama_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("service")
     svc = Service({"registry": str(folder / "registry"), "model": str(tiny_llama_dir),
                    "worker": {"processes": 1, "lease_ttl_s": 10, "poll_s": 0.2, "torch_threads": 1},
+                   "evidence": {"min_forget_probes": 3, "n_boot": 50, "max_new_tokens": 4},
                    "publish_poll_s": 0.2}, folder).start()
     yield svc
     svc.stop()
@@ -96,6 +97,9 @@ def test_every_admin_route_needs_the_token(service, method, path):
     ({"name": "extra", "records": _records(CHEMISTRY), "priority": 1}, 422, "unknown field"),
     ({"name": "noprompt", "records": [{"completion": "x"}] * 12}, 422, "prompt"),
     ({"name": "probes", "records": _records(CHEMISTRY), "probes": {"forget": "x"}}, 422, "probes"),
+    ({"name": "probes2", "records": _records(CHEMISTRY), "probes": {"forget": "x", "retain": []}}, 422, "list of"),
+    ({"name": "probes3", "records": _records(CHEMISTRY), "probes": {"forget": [{"answer": "x"}], "retain": []}},
+     422, "question"),
 ])
 def test_a_bad_filing_gets_a_4xx_that_says_what_to_fix_and_records_nothing(service, payload, status, words):
     before = len(service.call("GET", "/v1/forget-requests")[2]["data"])
@@ -180,3 +184,31 @@ def test_a_killed_api_process_loses_nothing(service):
     after = {r["id"]: (r["status"], r["data_digest"]) for r in service.call("GET", "/v1/forget-requests")[2]["data"]}
     assert {k: after[k] for k in before} == before
     assert service.wait_for(filed["id"], {"in_force", "failed"})["status"] == "in_force"
+
+
+def _probes(n_forget):
+    forget = [{"question": it["prompt"], "answer": it["answers"]} for it in CHEMISTRY[30:30 + n_forget]]
+    retain = [{"question": "What is the capital of France?", "answer": "Paris"},
+              {"question": "How many legs does a spider have?", "answer": "eight"}]
+    return {"forget": forget, "retain": retain}
+
+
+def test_a_filing_with_probes_carries_its_verification_and_falls_short_without_enough_evidence(service):
+    status, _, filed = service.call("POST", "/v1/forget-requests", {
+        "name": "verified", "records": _records(CHEMISTRY), "config": FAST, "probes": _probes(3)})
+    assert status == 202, filed
+    done = service.wait_for(filed["id"], {"in_force", "failed"})
+    assert done["status"] == "in_force", done["error"]
+    evidence = done["result"]["verification"]
+    assert evidence["passed"] and evidence["forget_accuracy"] is not None and len(evidence["report_digest"]) == 64
+    assert "verification" in {p.split("/")[-1].split(".")[0] for p in done["result"]["artifacts"]}
+    service.call("DELETE", f"/v1/forget-requests/{filed['id']}")
+
+    status, _, filed = service.call("POST", "/v1/forget-requests", {
+        "name": "unverified", "records": _records(CHEMISTRY), "config": FAST, "probes": _probes(2)})
+    assert status == 202
+    done = service.wait_for(filed["id"], {"in_force", "failed"})
+    assert done["status"] == "failed" and "falls short" in done["error"] and done["attempts"] == 1
+    assert not done["result"]["verification"]["passed"]
+    registry = ForgetRegistry(service.folder / "registry", create=False)
+    assert "unverified" not in {r.name for r in registry.ready()}

@@ -25,13 +25,19 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 class EraserEngine:
     """One Attentive Eraser pipeline (SD or SDXL) and the call the batcher makes."""
 
-    def __init__(self, config: EraserConfig):
+    def __init__(self, config: EraserConfig, pipe=None, call_kwargs: dict | None = None):
+        """``pipe``: an already built eraser pipeline (``config.model`` is then not read); ``call_kwargs``: fixed
+        extra call arguments (e.g. ``prompt_embeds`` for a pipeline without a text encoder)."""
         self.config = config
-        self.pipe = None
-        self.preset: str | None = None
-        self.factor = 8
+        self.pipe = pipe
+        self.call_kwargs = dict(call_kwargs or {})
+        self.preset: str | None = None if pipe is None else pipe._ae_preset.name
+        self.factor = 8 if pipe is None else pipe.vae_scale_factor
 
     def load(self) -> None:
+        if self.pipe is not None:
+            self.pipe.ae_max_pixels = math.ceil(self.config.max_pixels * 81 / 64)
+            return
         import torch
         from diffusers import DDIMScheduler
 
@@ -93,6 +99,6 @@ class EraserEngine:
                         inpaint_mode=p.inpaint_mode, paste_back=p.paste_back,
                         paste_back_blur_radius=p.paste_back_blur_radius, generator=generators,
                         attention_backend=self.config.attention_backend, output_type="np",
-                        callback_on_step_end=check).images
+                        callback_on_step_end=check, **self.call_kwargs).images
         results = (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
         return [results[i, : j.size[0], : j.size[1]] for i, j in enumerate(jobs)]

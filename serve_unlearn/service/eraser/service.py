@@ -36,10 +36,10 @@ class EraserService:
     # embedded DynamicBatcher. The Ray Serve deployment sets a factory that batches with ``@serve.batch``.
     batcher_factory: ClassVar[Callable[..., Any] | None] = None
 
-    def __init__(self, config: EraserConfig, metrics: CollectorRegistry):
+    def __init__(self, config: EraserConfig, metrics: CollectorRegistry, *, engine: EraserEngine | None = None):
         self.config = config
         self.metrics = EraserMetrics(metrics)
-        self.engine = EraserEngine(config)
+        self.engine = engine or EraserEngine(config)  # a prebuilt engine: benchmarks, embedding in other apps
         self.batcher = None
         self._state = "not started"
         self.router = self._build_router()
