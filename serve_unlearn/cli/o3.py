@@ -7,6 +7,7 @@ import json
 import os
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from ..registry import ForgetRegistry
 
@@ -19,15 +20,56 @@ def _forget(args) -> int:
 
     config = ForgetConfig.from_yaml(args.config) if args.config else ForgetConfig()
     records = load_forget_records(args.forget)  # before loading the model: bad data fails fast
+    probes = _load_probes(args.probes) if args.probes else None
     registry = ForgetRegistry(args.registry)
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    evidence: dict = {}
+
+    def before_ready(staging) -> None:
+        if probes is not None:
+            from ..eval.policy import VerificationPolicy
+            from ..eval.staged import verify_staged
+            from ..serving.vllm.config import VllmServeConfig
+
+            policy = (VerificationPolicy.from_yaml(args.evidence_config) if args.evidence_config
+                      else VerificationPolicy())
+            evidence.update(verify_staged(registry, staging, args.name, probes, model=model, tokenizer=tokenizer,
+                                          policy=policy, gate_config=VllmServeConfig.load(args.serve_config).gate))
+
     t0 = time.perf_counter()
     request = forget(registry, args.name, records, model=model, tokenizer=tokenizer, config=config,
-                     progress=not args.quiet)
-    out = {"request": asdict(request), "train_s": round(time.perf_counter() - t0, 2)}
+                     progress=not args.quiet, before_ready=before_ready)
+    out = {"request": asdict(request), "train_s": round(time.perf_counter() - t0, 2),
+           **({"verification": evidence} if evidence else {})}
     print(json.dumps(_hot_load(args, registry, out), indent=2))
     return 0
+
+
+def _load_probes(path: str) -> dict:
+    from ..errors import EvalDataError
+    from ..eval.data import eval_set_from_records
+
+    try:
+        probes = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise EvalDataError(f"--probes {path}: not a readable JSON file ({exc})") from None
+    if not isinstance(probes, dict) or set(probes) != {"forget", "retain"}:
+        raise EvalDataError(f"--probes {path}: expected {{\"forget\": [...], \"retain\": [...]}}")
+    for key, items in probes.items():
+        eval_set_from_records(key, items, f"{path}: {key}")
+    return probes
+
+
+def _evidence(registry: ForgetRegistry, request) -> str:
+    """passed / flagged / '' for a request's verification record."""
+    if "verification" not in request.artifacts:
+        return ""
+    try:
+        record = json.loads(registry.artifact_path(request, "verification").read_text())
+    except (OSError, ValueError):
+        return "unreadable"
+    return "passed" if record.get("passed") else ("flagged" if record.get("flagged") else "failed")
 
 
 def _retire(args) -> int:
@@ -73,14 +115,15 @@ def _score(args) -> int:
 
 
 def _list(args) -> int:
-    requests = ForgetRegistry(args.registry, create=False).list()
+    registry = ForgetRegistry(args.registry, create=False)
+    requests = registry.list()
     if args.json:
-        print(json.dumps([asdict(r) for r in requests], indent=2))
+        print(json.dumps([{**asdict(r), "evidence": _evidence(registry, r)} for r in requests], indent=2))
         return 0
-    print(f"{'name':24} {'status':9} {'version':>7}  {'created_at':25} id")
+    print(f"{'name':24} {'status':9} {'version':>7} {'evidence':9} {'created_at':25} id")
     for r in requests:
         version = "" if r.version is None else str(r.version)
-        print(f"{r.name:24} {r.status:9} {version:>7}  {r.created_at:25} {r.id}")
+        print(f"{r.name:24} {r.status:9} {version:>7} {_evidence(registry, r):9} {r.created_at:25} {r.id}")
     return 0
 
 
@@ -94,6 +137,9 @@ def add_o3_parser(sub) -> None:
     f.add_argument("--registry", required=True, help="registry folder (created when missing)")
     f.add_argument("--config", help="YAML ForgetConfig (detector:, lora:), e.g. configs/o3_forget.yaml")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.add_argument("--probes", help="JSON {\"forget\": [...], \"retain\": [...]} of {question, answer}: the "
+                   "request is verified against them before it is registered (serve-unlearn eval's record)")
+    f.add_argument("--evidence-config", help="YAML VerificationPolicy (bounds, on_shortfall: refuse|flag)")
     _add_server_args(f, "hot-load the request into it and switch its routing")
     f.set_defaults(func=_forget)
     r = osub.add_parser("retire", help="take a ready request out of force (its records and artifacts stay)")

@@ -21,20 +21,13 @@ import time
 from pathlib import Path
 
 from ..errors import ServeUnlearnError, UnlearnConfigError, UnlearnDataError
+from ..eval.staged import EvidenceShortfall
 from ..registry import ForgetQueue, ForgetRegistry, Job
 from ..registry.integrity import folder_manifest
 from .config import ServeConfig
 
 logger = logging.getLogger(__name__)
 GUARDS_FOLDER = "guards"
-
-
-class EvidenceShortfall(Exception):
-    """The candidate's evidence falls short of the policy: the filing fails and is not put in force."""
-
-    def __init__(self, message: str, summary: dict):
-        super().__init__(message)
-        self.summary = summary
 
 
 class Withdrawn(Exception):
@@ -147,36 +140,12 @@ class Worker:
                 shutil.rmtree(guard_root, ignore_errors=True)
 
     def _verify(self, job: Job, staging, probes: dict) -> dict:
-        """Evaluate the candidate (the gate over every in-force detector and the new one, with the new served
-        adapter) against the filing's probes; the signed record becomes an artifact of the request. Falling short
-        under ``on_shortfall: refuse`` raises: the request is not registered and the filing fails."""
-        from ..eval.verification import sign_record, verify_candidate
-        from ..registry.integrity import signing_key
+        from ..eval.staged import verify_staged
         from ..serving.vllm.config import VllmServeConfig
 
-        earlier = [self.registry.verified_path(r, "detector") for r in self.registry.ready()]
-        gate = VllmServeConfig.load(self.config.vllm.config).gate
-        record = verify_candidate(model=self.model, tokenizer=self.tokenizer,
-                                  detector_dir=[*earlier, staging.dir / "detector"],
-                                  adapter_dir=staging.dir / staging.artifacts["served"], probes=probes,
-                                  policy=self.config.evidence, gate_config=gate,
-                                  request={"id": staging.request_id, "name": job.name, "filing": job.id})
-        doc = record.to_dict()
-        key = signing_key()
-        if key is not None:
-            doc = sign_record(doc, key)
-        (staging.dir / "verification.json").write_text(json.dumps(doc, indent=2, sort_keys=True))
-        staging.add_artifact("verification", "verification.json")
-        summary = {"passed": record.passed, "flagged": record.flagged, "reasons": record.reasons,
-                   "deltas": record.deltas, "report_digest": record.report_digest, "signed": key is not None,
-                   "forget_accuracy": record.candidate.get("forget", {}).get("accuracy"),
-                   "retain_accuracy": {"base": record.base.get("retain", {}).get("accuracy"),
-                                       "candidate": record.candidate.get("retain", {}).get("accuracy")}}
-        if not record.put_in_force:
-            raise EvidenceShortfall("the verification probes show the request falls short: "
-                                    + "; ".join(record.reasons) + " (policy on_shortfall: refuse; the record is "
-                                    "in the filing's result)", summary)
-        return summary
+        return verify_staged(self.registry, staging, job.name, probes, model=self.model, tokenizer=self.tokenizer,
+                             policy=self.config.evidence, gate_config=VllmServeConfig.load(self.config.vllm.config).gate,
+                             extra={"filing": job.id})
 
     def _status(self, job_id: str) -> str | None:
         try:
