@@ -9,6 +9,9 @@ Files two requests (``examples/data/o3/topic_*.jsonl``, in name order) into a fr
 - the distribution of gate weights on forget paraphrases, retain questions and unrelated text (plot);
 - gated generation throughput against plain peft LoRA generation at the same batch size (target >= 0.8x).
 
+Accuracy and AUROC are the evaluation harness's (``serve_unlearn.eval``: normalised keyword containment, 95%
+bootstrap intervals in ``base_accuracy_ci`` / ``stage_ci``), so these figures and ``serve-unlearn eval``'s agree.
+
 Writes ``benchmarks/results/o3_gate.json`` and ``o3_gate.png``; prints a table. About 8 minutes on 2 idle CPU
 cores (40 on a busy machine), most of it training the two LoRAs.
 
@@ -32,22 +35,20 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties counted half (the Mann-Whitney form)."""
-    from sklearn.metrics import roc_auc_score
+    """P(score of a positive > score of a negative), ties counted half: the harness's AUC."""
+    from serve_unlearn.eval.mia import auc
 
-    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
+    return auc(pos, neg)
 
 
-def accuracy(generator, items, batch_size: int = 16) -> tuple[float, list[float]]:
-    from serve_unlearn.eval.qa import is_correct
+def accuracy(target, items, name: str) -> dict:
+    """The harness's accuracy (normalised containment of any keyword in the greedy 32-token reply) of ``target``
+    (a ``LocalTarget`` or ``GatedTarget``) on QA items, with its 95% bootstrap interval: ``{"mean", "ci", "n"}``."""
+    from serve_unlearn.eval.data import eval_set_from_records
+    from serve_unlearn.eval.harness import EvalConfig, evaluate
 
-    correct, scales = 0, []
-    for i in range(0, len(items), batch_size):
-        batch = items[i:i + batch_size]
-        out = generator.generate([[{"role": "user", "content": it["prompt"]}] for it in batch], max_new_tokens=32)
-        correct += sum(is_correct(t, it["answers"]) for t, it in zip(out.texts, batch))
-        scales += out.weights
-    return correct / len(items), scales
+    config = EvalConfig(max_new_tokens=32, batch_size=16, probabilities=False, paraphrases=False)
+    return evaluate(target, {name: eval_set_from_records(name, items, name)}, config)["sets"][name]["accuracy"]
 
 
 def throughput(generator, plain_peft, prompts, repeats: int = 3) -> tuple[float, float]:
@@ -107,7 +108,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from serve_unlearn.adapters.forget_request import ForgetConfig, forget
-    from serve_unlearn.eval.qa import load_qa, qa_accuracy
+    from serve_unlearn.eval.qa import load_qa
+    from serve_unlearn.eval.targets import GatedTarget, LocalTarget
     from serve_unlearn.models.packaged import prepare_smollm2
     from serve_unlearn.registry import ForgetRegistry
     from serve_unlearn.serving import GatedGenerator
@@ -137,22 +139,26 @@ def main() -> None:
     if root.exists() and args.registry is None:
         shutil.rmtree(root)
     registry = ForgetRegistry(root)
-    base_acc = {t: qa_accuracy(model, tok, items)[0] for t, items in paraphrases.items()}
-    base_acc["retain"] = qa_accuracy(model, tok, retain)[0]
-    base_acc["retain_heldout"] = qa_accuracy(model, tok, retain_heldout)[0]
+    plain = LocalTarget(model, tok, "base")
+    base_ci = {t: accuracy(plain, items, t) for t, items in paraphrases.items()}
+    base_ci["retain"] = accuracy(plain, retain, "retain")
+    base_ci["retain_heldout"] = accuracy(plain, retain_heldout, "retain_heldout")
+    base_acc = {k: v["mean"] for k, v in base_ci.items()}
 
-    results: dict = {"base_accuracy": base_acc, "stages": [], "train_seconds": {}}
+    results: dict = {"base_accuracy": base_acc, "base_accuracy_ci": {k: v["ci"] for k, v in base_ci.items()},
+                     "stages": [], "stage_ci": [], "train_seconds": {}}
     for stage, (topic, records) in enumerate(forget_sets.items(), 1):
         t0 = time.perf_counter()
         forget(registry, topic, records, model=model, tokenizer=tok, config=config)
         results["train_seconds"][topic] = time.perf_counter() - t0
         gen = GatedGenerator(model, tok, registry)
-        row = {"after": topic}
-        for t, items in paraphrases.items():
-            row[f"{t}_paraphrases"], _ = accuracy(gen, items)
-        row["retain"], _ = accuracy(gen, retain)
-        row["retain_heldout"], _ = accuracy(gen, retain_heldout)
+        gated = GatedTarget(gen, "o3")
+        cis = {f"{t}_paraphrases": accuracy(gated, items, f"{t}_paraphrases") for t, items in paraphrases.items()}
+        cis["retain"] = accuracy(gated, retain, "retain")
+        cis["retain_heldout"] = accuracy(gated, retain_heldout, "retain_heldout")
+        row = {"after": topic, **{k: v["mean"] for k, v in cis.items()}}
         results["stages"].append(row)
+        results["stage_ci"].append({"after": topic, **{k: v["ci"] for k, v in cis.items()}})
         print(f"after request {stage} ({topic}): " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "after"))
         if stage < len(forget_sets):
             gen._drop_adapter()
