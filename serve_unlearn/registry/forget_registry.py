@@ -257,6 +257,11 @@ class ForgetRegistry:
         self._store.retire(request.id)
         return self._store.by_id(request.id)
 
+    def exclusive(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """A lock every process sharing this registry (replicas on any host, with PostgreSQL) takes for ``name``:
+        one publication to the servers at a time."""
+        return self._store.exclusive(name)
+
     def get_meta(self, key: str) -> str | None:
         """A small shared value other components keep with the registry (e.g. the vLLM routing pointer)."""
         return self._store.get_meta(key)

@@ -10,6 +10,7 @@ are the server's ``now()``, so the replicas' clocks need not agree.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -103,6 +104,18 @@ class PostgresStore(SQLStore):
             if write:  # the registry's write lock: one writer at a time, as BEGIN IMMEDIATE gives on SQLite
                 con.execute("SELECT value FROM meta WHERE key = ? FOR UPDATE", (GENERATION_KEY,))
             yield con
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """A session-level advisory lock keyed by ``name``, held on its own connection: every replica on every
+        host waits for it (a lock file on a shared filesystem would not be reliable)."""
+        key = int.from_bytes(hashlib.sha256(f"serve-unlearn:{name}".encode()).digest()[:8], "big", signed=True)
+        with self._session(autocommit=True) as con:
+            con.execute("SELECT pg_advisory_lock(?)", (key,))
+            try:
+                yield
+            finally:
+                con.execute("SELECT pg_advisory_unlock(?)", (key,))
 
     def _transaction(self) -> contextlib.AbstractContextManager[_Connection]:
         return self._session(autocommit=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,16 @@ class SQLiteStore(SQLStore):
                 con.execute("COMMIT")
         finally:
             con.close()
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """An flock on ``<registry>/<name>.lock``: the processes of one host (SQLite's reach)."""
+        with open(self.path.parent / f"{name}.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:

@@ -221,6 +221,11 @@ class SQLStore(abc.ABC):
         PostgreSQL overrides this with a transaction that does not take the registry-wide lock."""
         return self._connect(write=True)
 
+    def exclusive(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Held by one process at a time (of all sharing this registry) while it does ``name`` (e.g. publishing a
+        version to the servers); a subclass decides how."""
+        raise NotImplementedError
+
     def lease(self, request_id: str) -> contextlib.AbstractContextManager:
         """Keeps the owner's lease on a training row alive while the block runs (a no-op without leases)."""
         return contextlib.nullcontext()

@@ -11,11 +11,9 @@ registry), so two API replicas never interleave their switches.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import threading
-from collections.abc import Iterator
 
 from ..errors import ConflictError, ServerError, ServeUnlearnError
 from ..registry import ForgetQueue, ForgetRegistry, Job
@@ -26,18 +24,11 @@ from ..serving.vllm.routing import published_bank
 from .metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
-LOCK_FILE = "publish.lock"
 
 
-@contextlib.contextmanager
-def publication_lock(registry: ForgetRegistry) -> Iterator[None]:
-    """Held while one process changes what the servers route to (processes sharing the registry folder)."""
-    with open(registry.root / LOCK_FILE, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def publication_lock(registry: ForgetRegistry):
+    """Held while one process changes what the servers route to (every replica sharing the registry)."""
+    return registry.exclusive("publish")
 
 
 class Publisher:

@@ -103,3 +103,25 @@ def test_a_version_1_registry_gains_the_queue_and_keeps_its_rows(tmp_path):
     registry = ForgetRegistry(root, create=False)
     assert registry.get_meta("kept") == "yes"
     assert ForgetQueue(registry).file("after-upgrade", "o3", RECORDS, config={}).status == "queued"
+
+
+def test_one_publication_at_a_time_across_processes_sharing_the_registry(queue):
+    registry = queue.registry
+    order = []
+    held = threading.Event()
+
+    def first():
+        with registry.exclusive("publish"):
+            held.set()
+            order.append("first in")
+            threading.Event().wait(0.5)
+            order.append("first out")
+
+    t = threading.Thread(target=first)
+    t.start()
+    held.wait(10)
+    other = ForgetRegistry(registry.root, create=False, database=getattr(registry._store, "_conninfo", None))
+    with other.exclusive("publish"):
+        order.append("second in")
+    t.join()
+    assert order == ["first in", "first out", "second in"]
