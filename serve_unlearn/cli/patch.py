@@ -76,9 +76,19 @@ def _patch_verify(args) -> int:
     return 0
 
 
+def _on_server(args, action: str) -> int:
+    from ..serving.vllm.live_patch import change_on_server
+
+    print(json.dumps(change_on_server(args.server, action, args.patch, api_key=args.api_key), sort_keys=True))
+    return 0
+
+
 def _patch_apply(args) -> int:
     from ..patches import WeightPatch
     from ..patches.materialize import patch_folder_in_place, undo_path
+
+    if args.server:
+        return _on_server(args, "apply")
 
     patch = WeightPatch.load(args.patch)
     folder = Path(args.model)
@@ -93,6 +103,8 @@ def _patch_revert(args) -> int:
     from ..patches import WeightPatch
     from ..patches.materialize import patch_folder_in_place, undo_path
 
+    if args.server:
+        return _on_server(args, "revert")
     patch = WeightPatch.load(args.patch)
     folder = Path(args.model)
     path = undo_path(folder, patch)
@@ -141,12 +153,22 @@ def add_patch_parser(sub) -> None:
     i.add_argument("patch")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_patch_inspect)
-    for name, fn, helptext in (("verify", _patch_verify, "is this checkpoint folder the patch's base (or patched)?"),
-                               ("apply", _patch_apply, "apply to a checkpoint folder in place (undo kept inside)"),
-                               ("revert", _patch_revert, "revert a patch applied with 'patch apply'")):
+    s = psub.add_parser("verify", help="is this checkpoint folder the patch's base (or patched)?")
+    s.add_argument("patch")
+    s.add_argument("--model", required=True, help="checkpoint folder")
+    s.set_defaults(func=_patch_verify)
+    for name, fn, helptext in (
+        ("apply", _patch_apply, "apply to a checkpoint folder in place (undo kept inside), or live on a vLLM server"),
+        ("revert", _patch_revert, "revert a patch applied with 'patch apply' (folder or server)"),
+    ):
         s = psub.add_parser(name, help=helptext)
         s.add_argument("patch")
-        s.add_argument("--model", required=True, help="checkpoint folder")
+        where = s.add_mutually_exclusive_group(required=True)
+        where.add_argument("--model", help="checkpoint folder")
+        where.add_argument("--server", help="a running vLLM server started by serve-unlearn vllm (e.g. "
+                           "http://127.0.0.1:8000): its loaded weights change without a restart; the admin token "
+                           "comes from $SERVE_UNLEARN_ADMIN_TOKEN and the patch path must be readable by the server")
+        s.add_argument("--api-key", help="vLLM's --api-key, when the server has one")
         s.set_defaults(func=fn)
     m = psub.add_parser("materialize", help="write a patched copy of a checkpoint folder")
     m.add_argument("patches", nargs="+")

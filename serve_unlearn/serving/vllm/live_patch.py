@@ -146,3 +146,32 @@ async def handle(scope, receive, send) -> None:
         logger.exception("serve-unlearn live patch failed")
         return await respond_json(send, 500, error_body(500, f"{type(exc).__name__}: {exc}; check the server log",
                                                         "ServerError"))
+
+
+# -- the client side (serve-unlearn patch apply|revert --server) -------------------------------------------------
+_ERRORS = {"PatchMismatchError": "PatchMismatchError", "PatchStateError": "PatchStateError",
+           "PatchFormatError": "PatchFormatError"}
+
+
+def change_on_server(server: str, action: str, patch: str, *, api_key: str | None = None,
+                     timeout: float = 600.0) -> dict:
+    """Apply or revert ``patch`` (a path the server can read; made absolute here) on the vLLM server at
+    ``server``, with the admin token from ``$SERVE_UNLEARN_ADMIN_TOKEN``. Returns the server's report; a refusal
+    raises the worker's error type (PatchMismatchError, PatchStateError, PatchFormatError) or ServerError."""
+    import os
+
+    from ... import errors
+    from .hotload import call_server
+
+    payload = {"action": action, "patch": os.path.abspath(patch)}
+    status, text = call_server(server.rstrip("/") + PATCHES_PATH, "POST", payload, api_key=api_key, timeout=timeout)
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = {}
+    if status == 200:
+        return body
+    err = body.get("error", {}) if isinstance(body, dict) else {}
+    kind = getattr(errors, _ERRORS.get(err.get("type"), "ServerError"))
+    raise kind(f"the server refused to {action} {patch} (HTTP {status}, {err.get('type')}): "
+               f"{err.get('message') or text[:500]}")

@@ -47,6 +47,7 @@ def test_one_server(registry_with_request, tmp_path, capsys):
     joined = " ".join(argv)
     assert "--enable-lora --max-lora-rank 64 --max-loras 9 --max-cpu-loras 9" in joined
     assert "--middleware serve_unlearn.serving.vllm.O3Middleware" in joined
+    assert "--worker-extension-cls serve_unlearn.serving.vllm.worker_extension.LivePatchExtension" in joined
     assert "--served-model-name base" in joined and "--port 9000" in joined
     lora = argv[argv.index("--lora-modules") + 1: argv.index("--lora-modules") + 5]
     assert [m.split("=")[0] for m in lora] == [bank_name(1, s) for s in (0.25, 0.5, 0.75, 1.0)]
