@@ -70,6 +70,25 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+class _Unwrapped:
+    """A model's parameters under their own names while peft LoRA layers are injected (``x.base_layer.weight``
+    is ``x.weight``; LoRA weights are skipped), so a fingerprint of the base is the same with or without them."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def named_parameters(self):
+        for name, param in self.model.named_parameters():
+            if ".lora_" not in name:
+                yield name.replace(".base_layer.", "."), param
+
+
+def model_fingerprint(model) -> str:
+    from ..adapters.orthogonal_lora import base_model_fingerprint
+
+    return base_model_fingerprint(_Unwrapped(model))
+
+
 def _render(tokenizer, chat: Chat) -> str:
     return tokenizer.apply_chat_template(list(chat), tokenize=False, add_generation_prompt=True)
 
@@ -183,9 +202,7 @@ class LocalTarget:
         return score_answers(self.model, self.tokenizer, prefixes, answers)
 
     def describe(self) -> dict[str, Any]:
-        from ..adapters.orthogonal_lora import base_model_fingerprint
-
-        return {"kind": "transformers", "model_fingerprint": base_model_fingerprint(self.model), **self.info}
+        return {"kind": "transformers", "model_fingerprint": model_fingerprint(self.model), **self.info}
 
     def close(self) -> None:
         pass
@@ -220,10 +237,8 @@ class GatedTarget:
         return scores
 
     def describe(self) -> dict[str, Any]:
-        from ..adapters.orthogonal_lora import base_model_fingerprint
-
         gen = self.generator
-        return {"kind": "o3-transformers", "model_fingerprint": base_model_fingerprint(gen.base),
+        return {"kind": "o3-transformers", "model_fingerprint": model_fingerprint(gen.base),
                 "requests": list(gen.gate.request_names),
                 "registry_generation": gen.generation, **self.info}
 

@@ -104,3 +104,19 @@ def test_answer_log_probs_equal_an_independent_forward_pass(tiny_llama):
         assert s.mu == pytest.approx(mu.tolist(), abs=1e-5)
         var = (p * (logp[start - 1:len(ids) - 1] - mu[:, None]) ** 2).sum(-1)
         assert s.sigma == pytest.approx(var.sqrt().tolist(), abs=1e-5)
+
+
+def test_model_fingerprint_is_the_same_with_lora_layers_injected(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    from serve_unlearn.adapters.orthogonal_lora import base_model_fingerprint
+    from serve_unlearn.eval.targets import model_fingerprint
+
+    model, _ = tiny_llama
+    before = model_fingerprint(model)
+    assert before == base_model_fingerprint(model)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    assert model_fingerprint(wrapped.base_model.model) == before
+    with torch.no_grad():
+        wrapped.base_model.model.model.layers[-1].mlp.up_proj.base_layer.weight[0, 0] += 1  # a fingerprinted layer
+    assert model_fingerprint(wrapped.base_model.model) != before
