@@ -7,7 +7,10 @@ Targets, all through ``serve_unlearn.eval`` on the same sets:
 - ``base+embedding-filter``: the same server behind an all-MiniLM-L6-v2 cosine filter whose threshold is the 5%
   quantile of the forget request's own prompts' leave-one-out nearest cosine (``topic_chemistry.jsonl``);
 - ``o3-vllm``: ``serve-unlearn vllm`` with the chemistry request (``configs/o3_forget.yaml`` on
-  ``topic_chemistry.jsonl``; ``--registry`` reuses a registry holding exactly that request, e.g. ``make demo``'s);
+  ``topic_chemistry.jsonl``; ``--registry`` reuses a registry holding exactly that request, e.g. ``make demo``'s),
+  gate threshold 0.5 (as ``benchmarks/o3_vllm_serving.py``);
+- ``o3-transformers``: the same registry through the transformers ``GatedGenerator`` with its default gate (ramp),
+  as ``benchmarks/o3_gate.py`` measures O3;
 - ``salun``: a SalUn patch (``configs/salun_smollm2.yaml``, forget ``topic_chemistry.jsonl``, retain
   ``retain.jsonl``) applied in transformers (``--patch`` reuses one).
 
@@ -177,7 +180,17 @@ def main() -> None:
             target.close()
 
     phase(out, "salun", salun, log)
-    paths = write_report(RESULTS, merge_reports([out / n for n in ("plain", "o3-vllm", "salun")]))
+
+    def o3_transformers():  # the GatedGenerator with its default gate, as benchmarks/o3_gate.py measures it
+        target = load_local_target(model_dir, registry=registry, name="o3-transformers")
+        try:
+            return [evaluate(target, sets(), EvalConfig(), progress=True)]
+        finally:
+            target.close()
+
+    phase(out, "o3-transformers", o3_transformers, log)
+    names = [n for n in ("plain", "o3-vllm", "o3-transformers", "salun") if (out / n / "report.json").exists()]
+    paths = write_report(RESULTS, merge_reports([out / n for n in names]))
     (RESULTS / "proof.json").write_text(json.dumps({"phases": log, "cpus": os.cpu_count(), "model": str(model_dir),
                                                     "registry_request": "chemistry (configs/o3_forget.yaml)",
                                                     "sets": {k: v.source for k, v in sets().items()}}, indent=2))
