@@ -129,3 +129,20 @@ def test_baselines_on_the_tiny_llama(tiny_llama):
     s_guard = guard.score(chats, ["CH4", "Leaves fall"])
     assert s_plain[0].logprobs != s_guard[0].logprobs
     assert filt.score(chats, ["CH4", "Leaves fall"])[0].logprobs == s_plain[0].logprobs
+
+
+def test_embedding_filter_threshold_is_the_leave_one_out_quantile():
+    """Fixed embeddings: forget prompts a, b, c with nearest other cosines .8, .8, 0; the 5% quantile of
+    [0, .8, .8] (linear interpolation) is 0.08."""
+    import numpy as np
+
+    from serve_unlearn.eval.baselines import EmbeddingFilterTarget
+
+    vectors = {"a": [1, 0, 0], "b": [0.8, 0.6, 0], "c": [0, 0, 1], "near b": [0.6, 0.8, 0], "away": [0, -1, 0]}
+    filt = EmbeddingFilterTarget(FixedTarget(), ["a", "b", "c"], quantile=0.05,
+                                 embedder=lambda texts: np.array([vectors[t] for t in texts], dtype=float))
+    assert filt.threshold == pytest.approx(0.08)
+    chats = [[{"role": "user", "content": t}] for t in ("near b", "away")]
+    assert filt.similarity(chats).tolist() == pytest.approx([0.96, 0.0])
+    assert EmbeddingFilterTarget(FixedTarget(), ["a", "b", "c"], quantile=0.5,
+                                 embedder=filt.embed).threshold == pytest.approx(0.8)
