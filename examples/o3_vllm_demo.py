@@ -71,11 +71,12 @@ def file_and_wait(records: list[dict]) -> tuple[float, float, dict]:
     guarded_s, last = None, None
     while True:
         job = admin("GET", f"/v1/forget-requests/{rid}")
-        if job["status"] != last or job["progress"].get("step", 0) % 10 == 0:
-            p = job["progress"]
+        p = job["progress"]
+        shown = (job["status"], p.get("phase"), p.get("step", 0) * 5 // max(1, p.get("total", 0)))
+        if shown != last:  # a line per status, phase and fifth of the steps
             print(f"      {time.perf_counter() - t0:6.1f}s  {job['status']:9} {p.get('phase', '')} "
                   f"{p.get('step', '')}/{p.get('total', '')}", flush=True)
-            last = job["status"]
+            last = shown
         if guarded_s is None and job["guarded"]:
             guarded_s = time.perf_counter() - t0
         if job["status"] in ("in_force", "failed"):

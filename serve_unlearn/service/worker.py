@@ -61,6 +61,7 @@ class Worker:
         self.stopping = threading.Event()
 
     def run(self, *, max_jobs: int | None = None) -> int:
+        self._load_model()  # before the first filing: its time is not the filer's
         done = 0
         while not self.stopping.is_set() and (max_jobs is None or done < max_jobs):
             job = self.queue.claim()

@@ -74,6 +74,11 @@ def test_a_request_goes_from_filing_to_in_force_and_back_out(service):
     assert status == 409 and "already retired" in body["error"]["message"]
     # the record is kept, and the name can be filed again
     assert service.call("GET", f"/v1/forget-requests/{rid}")[2]["status"] == "retired"
+    status, _, metrics = service.call("GET", "/metrics", admin=False)
+    assert status == 200
+    assert 'serve_unlearn_forget_requests{status="retired"} 1.0' in metrics
+    assert "serve_unlearn_filing_to_in_force_seconds_count 1.0" in metrics
+    assert "serve_unlearn_queue_depth 0.0" in metrics and "serve_unlearn_hotload_failures_total 0.0" in metrics
 
 
 @pytest.mark.parametrize("method,path", [

@@ -5,15 +5,11 @@ takes it out of force everywhere."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
 import urllib.request
 
 import pytest
+import vllm_server
 import yaml
 from helpers import REPO
 from service_proc import ADMIN, Service, free_port
@@ -61,47 +57,21 @@ def deployment(tiny_llama_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("deployment")
     registry = folder / "registry"
     ForgetRegistry(registry)  # the deployment's empty registry
-    env = {**os.environ, "SERVE_UNLEARN_ADMIN_TOKEN": ADMIN}
     # server B takes adapters up to rank 8 only: the second request's rank-16 concatenation is refused there
     ports = [free_port(), free_port()]
     configs = [_vllm_config(folder, ports[0], 16), _vllm_config(folder, ports[1], 8)]
-    procs, logs = [], []
-    for port, cfg in zip(ports, configs):
-        log = open(folder / f"vllm-{port}.log", "w")  # noqa: SIM115 - closed in teardown
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, "-m", "serve_unlearn.cli", "vllm", "--model",
-                                       str(tiny_llama_dir), "--registry", str(registry), "--config", str(cfg)],
-                                      env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     urls = [f"http://127.0.0.1:{p}" for p in ports]
-    service = None
-    try:
-        for url, proc, port in zip(urls, procs, ports):
-            deadline = time.monotonic() + 600
-            while True:
-                try:
-                    urllib.request.urlopen(url + "/health", timeout=2)
-                    break
-                except (urllib.error.URLError, OSError):
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail("vLLM did not start:\n" + (folder / f"vllm-{port}.log").read_text()[-4000:])
-                    time.sleep(1)
+    servers = [(tiny_llama_dir, registry, cfg, folder / f"vllm-{port}.log", url)
+               for cfg, port, url in zip(configs, ports, urls)]
+    with vllm_server.running(servers, {"SERVE_UNLEARN_ADMIN_TOKEN": ADMIN}):
         service = Service({"registry": str(registry), "model": str(tiny_llama_dir),
                            "vllm": {"servers": urls, "config": str(configs[0])},
                            "worker": {"processes": 1, "poll_s": 0.2, "torch_threads": 1},
                            "publish_poll_s": 0.2}, folder).start()
-        yield {"service": service, "urls": urls}
-    finally:
-        if service is not None:
+        try:
+            yield {"service": service, "urls": urls}
+        finally:
             service.stop()
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        for log in logs:
-            log.close()
 
 
 def test_a_filing_is_guarded_in_seconds_then_in_force_on_every_server(deployment):

@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+import vllm_server
 import yaml
 
 from serve_unlearn.adapters.detector import DetectorConfig
@@ -100,30 +96,9 @@ def _serve(tiny_llama_dir, tmp_path_factory):
                  "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}}
     cfg_path = tmp / "vllm.yaml"
     cfg_path.write_text(yaml.safe_dump(serve_cfg))
-    env = dict(os.environ)
-    log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen([sys.executable, "-m", "serve_unlearn.cli", "vllm", "--model", str(tiny_llama_dir),
-                             "--registry", str(registry.root), "--config", str(cfg_path)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                urllib.request.urlopen(URL + "/health", timeout=2)
-                break
-            except (urllib.error.URLError, OSError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("vLLM did not start:\n" + (tmp / "server.log").read_text()[-4000:])
-                time.sleep(1)
+    with vllm_server.running([(tiny_llama_dir, registry.root, cfg_path, tmp / "server.log", URL)]):
         yield {"registry": registry, "model": model, "tok": tok, "tmp": tmp, "config": cfg_path,
                "log": tmp / "server.log"}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def test_forget_topic_goes_to_the_adapter_and_other_text_to_the_base(setup):
