@@ -113,7 +113,9 @@ def _verify(args) -> int:
 
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate forgetting on a model, a registry or an endpoint; reports",
-                       description=__doc__.split("\n")[0])
+                       description="Evaluate forgetting on one target (and baselines around it): report.json, "
+                       "report.md and report.html in --out. Subcommands: compare (join reports), verify (a signed "
+                       "verification record).")
     p.add_argument("--forget", help="forget set: JSONL/JSON records with question (or prompt) and answer(s)")
     p.add_argument("--retain", help="retain set (what must still be answered)")
     p.add_argument("--holdout", help="non-members for membership inference (forget vs holdout AUC)")
@@ -145,7 +147,7 @@ def add_eval_parser(sub) -> None:
     esub = p.add_subparsers(dest="eval_command")
     c = esub.add_parser("compare", help="join reports of separate runs into one side-by-side report")
     c.add_argument("reports", nargs="+", help="report folders or report.json files")
-    c.add_argument("--out", required=True, dest="compare_out")
+    c.add_argument("--out", required=True, dest="compare_out", metavar="DIR", help="folder for the joined report")
     c.set_defaults(func=_compare)
     v = esub.add_parser("verify", help="check a signed verification record (key: $SERVE_UNLEARN_SIGNING_KEY)")
     v.add_argument("record", help="the record's JSON file")
