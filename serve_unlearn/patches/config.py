@@ -28,7 +28,20 @@ class SalUnConfig(StrictConfig):
     optimizer: Literal["adam", "sgd"] = "adam"
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum (masked like the gradients)")
     forget_target: Literal["refusal", "random-answer"] = Field(
-        "refusal", description="causal LMs only: what forget prompts are trained to answer")
+        "refusal", description="causal LMs only: what forget prompts are trained to answer (forget_loss 'swap')")
+    forget_loss: Literal["swap", "ga", "npo", "simnpo"] = Field(
+        "swap", description="swap: the swapped target (refusal, random label); ga; npo; simnpo (objectives.py)")
+    retain_loss: Literal["nll", "kl"] = Field("nll", description="nll, or kl: KL to the base model's outputs")
+    npo_beta: float = Field(0.1, gt=0.0)
+    simnpo_beta: float = Field(2.5, gt=0.0)
+    simnpo_gamma: float = Field(0.0, ge=0.0)
+    holdout: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of forget and retain data held out for "
+                           "early stopping (0: off; early_stop.py)")
+    eval_every: int = Field(0, ge=0, description="steps between early-stopping checks (0: each epoch end)")
+    stop_retain_increase: float = Field(0.05, ge=0.0, description="held-out retain loss rise (nats) that stops "
+                                        "training and goes back to the last check within it")
+    stop_forget_increase: float | None = Field(None, gt=0.0, description="held-out forget loss rise that is "
+                                               "enough (stop early); None: train all epochs")
     seed: int = 0
 
 

@@ -1,5 +1,9 @@
 """SalUn (Fan et al., ICLR 2024) as a patch: only the salient weights move, and the patch carries exactly them.
 
+Forget and retain losses are chosen in the config (``forget_loss``: swap, ga, npo, simnpo; ``retain_loss``: nll,
+kl; ``objectives``), and ``holdout`` turns on early stopping on a held-out slice of the forget and retain data
+(``early_stop``).
+
 Deviations from the reference code, on purpose: the mask is *hard* (gradients masked, no weight decay, optimizer
 state masked, and the weights outside the mask restored after every step, so nothing outside it moves, which the
 reference's weight decay broke until 2026); forget and retain batches are interleaved in one loop (GradDiff
@@ -18,7 +22,9 @@ from tqdm.auto import tqdm
 
 from ..data import as_records, data_digest
 from .config import SalUnConfig
+from .early_stop import HoldoutMonitor, split_holdout
 from .format import WeightPatch
+from .objectives import Objective
 from .saliency import accumulate_gradients, saliency_masks, select_parameters
 from .tasks import UnlearnTask
 
@@ -49,11 +55,17 @@ def retain_groups(n_forget: int, retain_batches: list) -> list[list]:
 
 def train_masked(model: nn.Module, params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor],
                  task: UnlearnTask, epoch_batches: Callable[[int], tuple[list, list]], *, lr: float, epochs: int,
-                 retain_weight: float, optimizer: str = "adam", momentum: float = 0.0, progress: bool = True) -> None:
-    """Minimise unlearn_loss(forget) + α·mean retain_loss(retain), moving only the masked weights.
+                 retain_weight: float, optimizer: str = "adam", momentum: float = 0.0, progress: bool = True,
+                 objective: Objective | None = None, monitor: HoldoutMonitor | None = None,
+                 eval_every: int = 0) -> None:
+    """Minimise forget(forget) + α·mean retain(retain), moving only the masked weights.
 
     ``epoch_batches(epoch)`` returns that epoch's (forget batches, retain batches), so each epoch can reshuffle.
+    ``objective`` gives the two losses (default: the task's swapped-target loss and its retain loss); ``monitor``
+    is checked every ``eval_every`` steps (0: each epoch end) and may stop training, leaving its best weights.
     """
+    forget_fn = objective.forget if objective is not None else task.unlearn_loss
+    retain_fn = objective.retain if objective is not None else task.retain_loss
     original = {n: p.detach().clone() for n, p in params.items()}
     trainable = [p for n, p in params.items() if bool(masks[n].any())]
     frozen = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -63,16 +75,19 @@ def train_masked(model: nn.Module, params: dict[str, nn.Parameter], masks: dict[
         p.requires_grad_(True)
     opt = (torch.optim.Adam(trainable, lr=lr, weight_decay=0.0) if optimizer == "adam"
            else torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=0.0))
+    step, stop = 0, False
+    if monitor is not None:
+        monitor.start(model)
     try:
         bar = tqdm(total=epochs, desc="salun epochs", disable=not progress)
         for epoch in range(epochs):
             forget_batches, retain_batches = epoch_batches(epoch)
             for fb, group in zip(forget_batches, retain_groups(len(forget_batches), retain_batches)):
                 opt.zero_grad(set_to_none=True)
-                loss = task.unlearn_loss(model, fb)
+                loss = forget_fn(model, fb)
                 loss.backward()
                 for rb in group if retain_weight else []:  # one backward each: bounded activation memory
-                    (retain_weight / len(group) * task.retain_loss(model, rb)).backward()
+                    (retain_weight / len(group) * retain_fn(model, rb)).backward()
                 with torch.no_grad():
                     for n, p in params.items():
                         if p.grad is not None:
@@ -85,8 +100,19 @@ def train_masked(model: nn.Module, params: dict[str, nn.Parameter], masks: dict[
                             if isinstance(state, torch.Tensor) and state.shape == p.shape:
                                 state.mul_(masks[n])
                 bar.set_postfix(forget_loss=f"{float(loss.detach()):.3f}")
+                step += 1
+                if monitor is not None and eval_every and step % eval_every == 0:
+                    stop = monitor.check(model, params, step)
+                    if stop:
+                        break
+            if monitor is not None and not eval_every and not stop:
+                stop = monitor.check(model, params, step)
             bar.update()
+            if stop:
+                break
         bar.close()
+        if monitor is not None:
+            monitor.finish(params, original)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(frozen[n])
@@ -104,6 +130,14 @@ def salun(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any | None =
     """
     config = config or SalUnConfig()
     params = select_parameters(model, config.include, config.exclude)
+    meta.setdefault("forget_digest", data_digest(as_records(forget)))
+    if retain is not None:
+        meta.setdefault("retain_digest", data_digest(as_records(retain)))
+    forget_held = retain_held = None
+    if config.holdout:
+        forget, forget_held = split_holdout(forget, config.holdout, config.seed, "forget")
+        if retain is not None:
+            retain, retain_held = split_holdout(retain, config.holdout, config.seed, "retain")
     forget_batches = task.batches(forget, config.batch_size, shuffle=True, seed=config.seed)
     retain_size = config.retain_batch_size or config.batch_size
 
@@ -117,35 +151,45 @@ def salun(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any | None =
     model.eval()  # no dropout; BatchNorm statistics are not part of the edit
     start = time.perf_counter()
     base = snapshot(params)
+    monitor = None
+    if forget_held is not None:
+        monitor = HoldoutMonitor(task, forget_held, retain_held, batch_size=config.retain_batch_size or
+                                 config.batch_size, stop_retain_increase=config.stop_retain_increase,
+                                 stop_forget_increase=config.stop_forget_increase)
     try:
         with torch.random.fork_rng(devices=[]):  # our seeding must not reset the caller's random state
             torch.manual_seed(config.seed)
             edited = _salun_edit(model, task, params, forget_batches, epoch_batches, config, progress, base,
-                                 keep_edits)
+                                 keep_edits, monitor)
     finally:
         model.train(was_training)
-    meta.setdefault("forget_digest", data_digest(as_records(forget)))
-    if retain is not None:
-        meta.setdefault("retain_digest", data_digest(as_records(retain)))
+    if monitor is not None:
+        meta.setdefault("early_stopping", monitor.history)
     return WeightPatch.from_diff(
         cast_all(base, patch_dtype), cast_all(edited, patch_dtype), method="salun", hparams=config.model_dump(),
         seconds=f"{time.perf_counter() - start:.4f}", mask_ratio=str(config.ratio), **meta,
     )
 
 
-def _salun_edit(model, task, params, forget_batches, epoch_batches, config, progress, base, keep_edits):
+def _salun_edit(model, task, params, forget_batches, epoch_batches, config, progress, base, keep_edits, monitor):
     """Saliency, mask, masked training; returns the edited parameters (the model restored unless keep_edits)."""
+    objective = None
     try:
         grads = accumulate_gradients(model, params, forget_batches, task.forget_loss, desc="saliency",
                                      progress=progress)
         masks = saliency_masks({n: g.abs_() for n, g in grads.items()}, config.ratio, scope=config.scope,
                                threshold=config.threshold)
         del grads
+        objective = Objective(task, model, forget_loss=config.forget_loss, retain_loss=config.retain_loss,
+                              npo_beta=config.npo_beta, simnpo_beta=config.simnpo_beta,
+                              simnpo_gamma=config.simnpo_gamma)
         train_masked(model, params, masks, task, epoch_batches, lr=config.lr, epochs=config.epochs,
                      retain_weight=config.retain_weight, optimizer=config.optimizer, momentum=config.momentum,
-                     progress=progress)
+                     progress=progress, objective=objective, monitor=monitor, eval_every=config.eval_every)
         return snapshot(params)
     finally:
+        if objective is not None:
+            objective.close()
         if not keep_edits:
             restore(params, base)
 
