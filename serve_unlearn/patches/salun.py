@@ -12,6 +12,7 @@ style) rather than two sequential passes; random labels never equal the true lab
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -164,7 +165,7 @@ def salun(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any | None =
     finally:
         model.train(was_training)
     if monitor is not None:
-        meta.setdefault("early_stopping", monitor.history)
+        meta.setdefault("early_stopping", json.dumps(monitor.history))  # header values are strings
     return WeightPatch.from_diff(
         cast_all(base, patch_dtype), cast_all(edited, patch_dtype), method="salun", hparams=config.model_dump(),
         seconds=f"{time.perf_counter() - start:.4f}", mask_ratio=str(config.ratio), **meta,
