@@ -102,14 +102,15 @@ def test_a_filing_is_guarded_in_seconds_then_in_force_on_every_server(deployment
     done = service.wait_for(rid, {"in_force", "failed"}, timeout=600)
     assert done["status"] == "in_force", done
     version = ForgetRegistry(service.folder / "registry", create=False).generation
+    for url in urls:  # at once: in force means the adapter answers, not the guard
+        headers, _ = _complete(url, FORGET_PROMPT)
+        assert headers["x-serve-unlearn-adapter"] != "base" and "x-serve-unlearn-guard" not in headers
+        assert _complete(url, OTHER_PROMPT)[0]["x-serve-unlearn-adapter"] == "base"
     for url in urls:
         deadline = time.monotonic() + 10  # each middleware drops the guard at its next poll
         while _status(url)["guards"] and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _status(url)["version"] == version and _status(url)["guards"] == []
-        headers, _ = _complete(url, FORGET_PROMPT)
-        assert headers["x-serve-unlearn-adapter"] != "base" and "x-serve-unlearn-guard" not in headers
-        assert _complete(url, OTHER_PROMPT)[0]["x-serve-unlearn-adapter"] == "base"
     status, _, ready = service.call("GET", "/readyz", admin=False)
     assert status == 200 and ready["ready"], ready
 

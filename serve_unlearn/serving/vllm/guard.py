@@ -60,13 +60,19 @@ class Guards:
             old.close()
         logger.info("serve-unlearn: guarding for %s", [j.name for j in jobs] or "no filing")
 
-    def flagged(self, texts: list[str]) -> str | None:
-        """The filing whose detector flags these texts (enough for any adapter scale), else None."""
+    def flagged(self, texts: list[str], routed: frozenset[str] | set[str] = frozenset()) -> str | None:
+        """The filing whose detector flags these texts (enough for any adapter scale), else None. Filings already
+        in the routed version (``routed``: its request names) are left to routing, even before this middleware
+        drops their guard at its next poll."""
         gate = self.gate
-        if gate is None or not gate.request_names:
+        if gate is None or not set(gate.request_names) - set(routed):
             return None
         (decision,) = gate.decide([texts])
-        return decision.request if decision.scale > 0 else None
+        pending = {name: w for name, w in decision.weights.items() if name not in routed}
+        if decision.error is not None:  # scoring failed: refuse as the gate fails closed
+            return sorted(set(gate.request_names) - set(routed))[0] if self.gate_config.fail_closed else None
+        name, weight = max(pending.items(), key=lambda kv: kv[1], default=(None, 0.0))
+        return name if float(self.gate_config.policy.scale(weight)) > 0 else None
 
 
 def refusal(template: str, data: dict, text: str) -> tuple[int, str, bytes]:

@@ -76,6 +76,7 @@ class O3Middleware:
         self.models = self._model_names()
         self._next_poll = 0.0 if routing is None else math.inf  # a routing given by the caller is kept
         self._reload_task: asyncio.Task | None = None
+        self._poller: asyncio.Task | None = None
         if self.config.gate_threads:
             import torch
 
@@ -117,9 +118,24 @@ class O3Middleware:
         metrics.GENERATION.set(-1 if routing is None or routing.version is None else routing.version)
         metrics.IN_FORCE.set(0 if routing is None else len(routing.gate.request_names))
 
+    def _start_poller(self) -> None:
+        """Poll the registry every ``poll_interval_s`` in the server's event loop, traffic or not, so a new guard
+        or version is loaded before the next request that needs it (without lifespan, requests trigger polls)."""
+        if self._poller is None and math.isfinite(self._next_poll):
+            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_interval_s or 0.05)
+            if self._reload_task is None:
+                try:
+                    await self._reload()
+                except Exception:
+                    logger.exception("serve-unlearn: polling the registry failed")
+
     async def _maybe_reload(self) -> None:
         now = time.monotonic()
-        if self._reload_task is not None or now < self._next_poll:
+        if self._poller is not None or self._reload_task is not None or now < self._next_poll:
             return
         self._next_poll = now + self.config.poll_interval_s
         self._reload_task = asyncio.get_running_loop().create_task(self._reload())
@@ -200,6 +216,7 @@ class O3Middleware:
         kind = scope["type"]
         if kind == "lifespan":
             self._routes(scope)
+            self._start_poller()
             return await self.app(scope, receive, send)
         if kind not in ("http", "websocket"):
             return await self.app(scope, receive, send)
@@ -292,7 +309,8 @@ class O3Middleware:
             texts = request_segments(data)
             if not texts:
                 raise Unscorable("no text to score")
-            guarded = await asyncio.get_running_loop().run_in_executor(None, self.guards.flagged, texts)
+            guarded = await asyncio.get_running_loop().run_in_executor(
+                None, self.guards.flagged, texts, frozenset(routing.gate.request_names))
             if guarded is not None:
                 return await self._refuse(send, template, data, guarded)
             (decision,) = await asyncio.get_running_loop().run_in_executor(None, routing.gate.decide, [texts])
