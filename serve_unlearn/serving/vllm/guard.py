@@ -70,7 +70,7 @@ class Guards:
         (decision,) = gate.decide([texts])
         pending = {name: w for name, w in decision.weights.items() if name not in routed}
         if decision.error is not None:  # scoring failed: refuse as the gate fails closed
-            return sorted(set(gate.request_names) - set(routed))[0] if self.gate_config.fail_closed else None
+            return min(set(gate.request_names) - set(routed)) if self.gate_config.fail_closed else None
         name, weight = max(pending.items(), key=lambda kv: kv[1], default=(None, 0.0))
         return name if float(self.gate_config.policy.scale(weight)) > 0 else None
 
