@@ -92,6 +92,12 @@ def add_method_parsers(sub) -> None:
             s.add_argument("--scope", choices=["global", "per_tensor"])
             s.add_argument("--epochs", type=int)
             s.add_argument("--forget-target", dest="forget_target", choices=["refusal", "random-answer"])
+            s.add_argument("--forget-loss", dest="forget_loss", choices=["swap", "ga", "npo", "simnpo"],
+                           help="what the masked training minimises on the forget data (default swap)")
+            s.add_argument("--retain-loss", dest="retain_loss", choices=["nll", "kl"],
+                           help="retain term: NLL, or KL to the base model's outputs (default nll)")
+            s.add_argument("--holdout", type=float,
+                           help="fraction of forget and retain data held out for early stopping (0: off)")
         else:
             s.add_argument("--step", choices=["adam1", "sgd"])
             s.add_argument("--mask-ratio", dest="mask_ratio", type=float, help="sparse iau-masked patch")
