@@ -35,17 +35,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data" / "o3"
 MASK = {"ratio": 0.05, "scope": "per_tensor", "include": [r"mlp\.", r"self_attn\."]}
-EARLY = {"holdout": 0.2, "stop_retain_increase": 0.05}
+EARLY = {"holdout": 0.2, "eval_every": 2, "stop_retain_increase": 0.3, "stop_forget_increase": 2.0}
 CONFIGS = {
     "ga": {"ratio": 1.0, "scope": "per_tensor", "forget_loss": "ga", "retain_weight": 0.0, "lr": 1e-5, "epochs": 2,
            "include": [r"mlp\.", r"self_attn\."]},
     "salun-swap": {**MASK, "lr": 5e-5, "epochs": 4, "retain_weight": 3.0, "forget_loss": "swap"},
-    "salun-npo": {**MASK, **EARLY, "lr": 1e-4, "epochs": 8, "retain_weight": 1.0, "forget_loss": "npo"},
-    "salun-npo-kl": {**MASK, **EARLY, "lr": 1e-4, "epochs": 8, "retain_weight": 1.0, "forget_loss": "npo",
+    "salun-npo": {**MASK, **EARLY, "lr": 2e-5, "epochs": 6, "retain_weight": 2.0, "forget_loss": "npo"},
+    "salun-npo-kl": {**MASK, **EARLY, "lr": 2e-5, "epochs": 6, "retain_weight": 2.0, "forget_loss": "npo",
                      "retain_loss": "kl"},
-    "salun-simnpo": {**MASK, **EARLY, "lr": 1e-4, "epochs": 8, "retain_weight": 1.0, "forget_loss": "simnpo"},
-    "iau": {"lr": 2e-5, "include": [r"mlp\.", r"self_attn\."]},
-    "iau-masked": {"lr": 1e-4, "mask_ratio": 0.05, "scope": "per_tensor", "include": [r"mlp\.", r"self_attn\."]},
+    "salun-simnpo": {**MASK, **EARLY, "lr": 2e-5, "epochs": 6, "retain_weight": 2.0, "forget_loss": "simnpo"},
+    "iau": {"lr": 3e-4, "include": [r"mlp\.", r"self_attn\."]},
+    "iau-masked": {"lr": 1e-3, "mask_ratio": 0.05, "scope": "per_tensor", "include": [r"mlp\.", r"self_attn\."]},
     "ft": {"lr": 1e-5, "epochs": 2, "batch_size": 8},
 }
 
