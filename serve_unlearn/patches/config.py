@@ -18,6 +18,9 @@ class SalUnConfig(StrictConfig):
     ratio: float = Field(0.5, gt=0.0, le=1.0, description="fraction of selected weights in the mask")
     scope: Literal["global", "per_tensor"] = "global"
     threshold: Literal["kthvalue", "histogram"] = "kthvalue"
+    saliency_retain_weight: float = Field(0.0, ge=0.0, description="λ of a contrastive saliency |∇forget| − "
+                                          "λ·|∇retain| (mean gradients): prefer weights the retain data does not "
+                                          "use; 0 is SalUn's own")
     include: list[str] = Field(default_factory=list, description="regexes over parameter names (empty: all)")
     exclude: list[str] = Field(default_factory=list)
     lr: float = Field(1e-5, gt=0.0)

@@ -178,9 +178,18 @@ def _salun_edit(model, task, params, forget_batches, epoch_batches, config, prog
     try:
         grads = accumulate_gradients(model, params, forget_batches, task.forget_loss, desc="saliency",
                                      progress=progress)
-        masks = saliency_masks({n: g.abs_() for n, g in grads.items()}, config.ratio, scope=config.scope,
-                               threshold=config.threshold)
-        del grads
+        saliency = {n: g.abs_().div_(len(forget_batches)) for n, g in grads.items()}
+        if config.saliency_retain_weight:
+            # contrastive saliency: weights the forget data leans on *and the retain data does not*
+            retain_batches = epoch_batches(0)[1]
+            if retain_batches:
+                r = accumulate_gradients(model, params, retain_batches, task.retain_loss, desc="retain saliency",
+                                         progress=progress)
+                for n, sal in saliency.items():
+                    sal.sub_(r[n].abs_().div_(len(retain_batches)), alpha=config.saliency_retain_weight)
+                del r
+        masks = saliency_masks(saliency, config.ratio, scope=config.scope, threshold=config.threshold)
+        del grads, saliency
         objective = Objective(task, model, forget_loss=config.forget_loss, retain_loss=config.retain_loss,
                               npo_beta=config.npo_beta, simnpo_beta=config.simnpo_beta,
                               simnpo_gamma=config.simnpo_gamma)
