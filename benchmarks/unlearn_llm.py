@@ -16,6 +16,8 @@ Methods (``--methods``; each a row, appended to ``--out`` as JSON lines so a lon
   forget set, every weight (``salun`` with ratio 1, forget_loss ga, no retain term);
 - ``salun-swap``, ``salun-npo``, ``salun-simnpo``, ``salun-npo-kl``: SalUn's mask with each forget loss (retain NLL,
   or KL for the last), early stopping on a held-out fifth of the training data;
+- ``salun-npo-contrast``: NPO in a contrastive mask (``saliency_retain_weight``: weights the retain data leans
+  on are avoided);
 - ``iau``, ``iau-masked``: IAU's one step (dense, and inside the SalUn-style mask).
 
 ``--set method.key=value`` overrides a config field for a sweep, e.g. ``--set salun-npo.lr=1e-4``.
@@ -43,6 +45,8 @@ CONFIGS = {
     "salun-npo": {**MASK, **EARLY, "lr": 2e-5, "epochs": 6, "retain_weight": 2.0, "forget_loss": "npo"},
     "salun-npo-kl": {**MASK, **EARLY, "lr": 2e-5, "epochs": 6, "retain_weight": 2.0, "forget_loss": "npo",
                      "retain_loss": "kl"},
+    "salun-npo-contrast": {**MASK, **EARLY, "lr": 2e-5, "epochs": 6, "retain_weight": 2.0, "forget_loss": "npo",
+                           "saliency_retain_weight": 1.0},
     "salun-simnpo": {**MASK, **EARLY, "lr": 2e-5, "epochs": 6, "retain_weight": 2.0, "forget_loss": "simnpo"},
     "iau": {"lr": 3e-4, "include": [r"mlp\.", r"self_attn\."]},
     "iau-masked": {"lr": 1e-3, "mask_ratio": 0.05, "scope": "per_tensor", "include": [r"mlp\.", r"self_attn\."]},
