@@ -178,8 +178,10 @@ def _salun_edit(model, task, params, forget_batches, epoch_batches, config, prog
     try:
         grads = accumulate_gradients(model, params, forget_batches, task.forget_loss, desc="saliency",
                                      progress=progress)
-        saliency = {n: g.abs_().div_(len(forget_batches)) for n, g in grads.items()}
+        saliency = {n: g.abs_() for n, g in grads.items()}
         if config.saliency_retain_weight:
+            for sal in saliency.values():
+                sal.div_(len(forget_batches))  # mean gradients, comparable with the retain ones
             # contrastive saliency: weights the forget data leans on *and the retain data does not*
             retain_batches = epoch_batches(0)[1]
             if retain_batches:
