@@ -55,7 +55,9 @@ def sets():
             "holdout": load_eval_set(DATA / "topic_animals.jsonl", "holdout")}
 
 
-def phase(out: Path, name: str, fn, log: dict) -> None:
+def phase(out: Path, name: str, fn, log: dict, wanted: set[str]) -> None:
+    if name not in wanted:
+        return
     if (out / name / "report.json").exists():
         print(f"{name}: already measured ({out / name})", flush=True)
         return
@@ -125,6 +127,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--registry", help="a registry holding exactly the chemistry request (copied, not changed)")
     ap.add_argument("--patch", help="a SalUn patch for SmolLM2 (default: computed)")
+    ap.add_argument("--phases", default="plain,o3-vllm,salun,o3-transformers",
+                    help="the phases to run (comma-separated); the merged report takes every finished one")
     ap.add_argument("--out", default=str(REPO / "outputs" / "eval_proof"), help="work folder (phase reports)")
     args = ap.parse_args()
 
@@ -139,6 +143,7 @@ def main() -> None:
     from serve_unlearn.serving.vllm.contract import MIDDLEWARE
     from serve_unlearn.serving.vllm.launcher import plan
 
+    wanted = set(args.phases.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = json.loads((out / "phases.json").read_text()) if (out / "phases.json").exists() else {}
@@ -166,20 +171,22 @@ def main() -> None:
         return [ep]
 
     phase(out, "plain", lambda: endpoint_phase(plain_argv, {**os.environ, **p.env}, out / "plain-server.log", port,
-                                               model_dir, baselines), log)
+                                               model_dir, baselines), log, wanted)
     o3_argv = [sys.executable, "-m", "serve_unlearn.cli", "vllm", "--model", str(model_dir), "--registry",
                str(registry), "--config", str(cfg_path)]
     phase(out, "o3-vllm", lambda: endpoint_phase(o3_argv, dict(os.environ), out / "o3-server.log", port, model_dir,
-                                                 o3), log)
+                                                 o3), log, wanted)
 
     def salun():
-        target = load_local_target(model_dir, patches=[salun_patch(args, model_dir, out)], name="salun")
+        # `serve-unlearn salun` makes the patch for the checkpoint's own dtype (bfloat16), so it is evaluated in it
+        target = load_local_target(model_dir, patches=[salun_patch(args, model_dir, out)], name="salun",
+                                   dtype="bfloat16")
         try:
             return [evaluate(target, sets(), EvalConfig(), progress=True)]
         finally:
             target.close()
 
-    phase(out, "salun", salun, log)
+    phase(out, "salun", salun, log, wanted)
 
     def o3_transformers():  # the GatedGenerator with its default gate, as benchmarks/o3_gate.py measures it
         target = load_local_target(model_dir, registry=registry, name="o3-transformers")
@@ -188,7 +195,7 @@ def main() -> None:
         finally:
             target.close()
 
-    phase(out, "o3-transformers", o3_transformers, log)
+    phase(out, "o3-transformers", o3_transformers, log, wanted)
     names = [n for n in ("plain", "o3-vllm", "o3-transformers", "salun") if (out / n / "report.json").exists()]
     paths = write_report(RESULTS, merge_reports([out / n for n in names]))
     (RESULTS / "proof.json").write_text(json.dumps({"phases": log, "cpus": os.cpu_count(), "model": str(model_dir),
