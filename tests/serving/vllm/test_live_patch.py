@@ -8,7 +8,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import vllm_server
 import yaml
 from helpers import snapshot
 from vllm_generate import PROMPTS
@@ -107,22 +107,11 @@ def live(tiny_llama_dir, tmp_path_factory):
         "served_model_name": "tiny", "port": PORT, "max_lora_rank": 8,
         "extra_args": ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "8", "--enforce-eager"],
         "env": ENV}))
-    log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen([sys.executable, "-m", "serve_unlearn.cli", "vllm", "--model", str(tiny_llama_dir),
-                             "--registry", str(tmp / "registry"), "--config", str(cfg)],
-                            env={**os.environ, "SERVE_UNLEARN_ADMIN_TOKEN": ADMIN}, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = vllm_server.start(tiny_llama_dir, tmp / "registry", cfg, tmp / "server.log",
+                             {"SERVE_UNLEARN_ADMIN_TOKEN": ADMIN})
     refs = {"a": _reference(tiny_llama_dir, pa), "ab": _reference(tiny_llama_dir, pa, pb)}
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                urllib.request.urlopen(URL + "/health", timeout=2)
-                break
-            except (urllib.error.URLError, OSError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("vLLM did not start:\n" + (tmp / "server.log").read_text()[-4000:])
-                time.sleep(1)
+        vllm_server.wait_healthy(URL, proc, tmp / "server.log")
         refs = {k: _result(p) for k, p in refs.items()}
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("SERVE_UNLEARN_ADMIN_TOKEN", ADMIN)
@@ -131,12 +120,7 @@ def live(tiny_llama_dir, tmp_path_factory):
         for p in refs.values() if isinstance(refs, dict) else ():
             if isinstance(p, subprocess.Popen) and p.poll() is None:
                 p.kill()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        vllm_server.stop([proc])
 
 
 def _cli(*args):
