@@ -14,55 +14,23 @@ from pathlib import Path
 from ..errors import ServeUnlearnError
 
 
-def _load_model_and_task(model_dir: str, forget_target: str, y_max: int | None, *,
-                         trusted_classes: list[str] | None = None, trust_module_code: bool = False):
-    import torch
-
-    from ..patches.inputs import checkpoint_dtype, is_module_folder, load_module_folder
-    from ..patches.tasks import CausalLMTask, ClassifierTask
-
-    if is_module_folder(model_dir):
-        model, spec = load_module_folder(model_dir, trusted_classes=trusted_classes or (),
-                                         trust_module_code=trust_module_code)
-        num_classes = spec.get("num_classes") or spec["kwargs"].get("num_classes") or (y_max or 0) + 1
-        return model, ClassifierTask(int(num_classes)), None, "torch-state-dict"
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (Path(model_dir) / "config.json").is_file():
-        raise ServeUnlearnError(f"{model_dir!r} is neither an HF checkpoint folder nor a serve-unlearn module folder")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    # train in float32 whatever the checkpoint holds; the patch is cast back to the checkpoint's dtype
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return model, CausalLMTask(tok, forget_target=forget_target), checkpoint_dtype(model_dir), "hf-transformers"
-
-
 def _run_method(args, method: str) -> int:
     from ..data import load_data
-    from ..patches.config import IAUConfig, SalUnConfig
+    from ..patches.compute import METHODS, compute_patch, load_for_patch, method_config
 
     forget = load_data(args.forget)
     retain = load_data(args.retain) if args.retain else None
-    cfg_cls = SalUnConfig if method == "salun" else IAUConfig
-    overrides = {k: getattr(args, k, None) for k in cfg_cls.model_fields if getattr(args, k, None) is not None}
-    config = (cfg_cls.from_yaml(args.config, **overrides) if args.config
-              else cfg_cls.validate_dict(overrides, where="command line"))
+    fields = METHODS[method].model_fields
+    overrides = {k: getattr(args, k, None) for k in fields if getattr(args, k, None) is not None}
+    config = method_config(method, overrides, yaml_path=args.config, where="command line")
+    if method == "iau" and retain is None:
+        raise ServeUnlearnError("iau needs --retain: its gradient correction uses the retain data")
     y_max = int(forget[1].max()) if isinstance(forget, tuple) else None
-    model, task, patch_dtype, keys = _load_model_and_task(
+    model, task, patch_dtype, keys = load_for_patch(
         args.model, getattr(config, "forget_target", "refusal"), y_max,
         trusted_classes=args.trusted_class, trust_module_code=args.trust_module_code)
-    meta = {"base_model": str(Path(args.model).resolve()), "key_convention": keys}
-    if method == "salun":
-        from ..patches.salun import salun
-
-        patch = salun(model, task, forget, retain, config, patch_dtype=patch_dtype, **meta)
-    else:
-        from ..patches.iau import iau
-
-        if retain is None:
-            raise ServeUnlearnError("iau needs --retain: its gradient correction uses the retain data")
-        patch = iau(model, task, forget, retain, config, patch_dtype=patch_dtype, **meta)
+    patch = compute_patch(method, model, task, forget, retain, config, patch_dtype=patch_dtype,
+                          base_model=str(Path(args.model).resolve()), key_convention=keys)
     path = patch.save(args.out)
     print(json.dumps({"patch": str(path), "patch_id": patch.patch_id, "tensors": len(patch.tensor_names),
                       "bytes": path.stat().st_size, "seconds": patch.metadata.get("seconds")}))

@@ -39,7 +39,7 @@ from .harness import EvalConfig, evaluate
 from .policy import VerificationPolicy
 
 __all__ = ["RECORD_KIND", "VerificationPolicy", "VerificationRecord", "canonical_json", "sign_record",
-           "verify_candidate", "verify_record", "verify_record_file"]
+           "verify_candidate", "verify_patched", "verify_record", "verify_record_file"]
 
 RECORD_KIND = "serve-unlearn/verification-record/1"
 _SUMMARY_KEYS = ("accuracy", "paraphrase_accuracy", "rouge_l_recall", "refusal_rate", "answer_probability", "n",
@@ -179,13 +179,7 @@ def verify_candidate(*, model, tokenizer, detector_dir: str | os.PathLike | Sequ
     from .targets import GatedTarget, LocalTarget
 
     policy = policy or VerificationPolicy()
-    if not isinstance(probes, Mapping) or not probes.get("forget") or not probes.get("retain"):
-        raise EvalDataError("a verification needs probes {'forget': [...], 'retain': [...]}, both non-empty: "
-                            "held-out questions about the forgotten data, and questions it must still answer")
-    unknown = set(probes) - {"forget", "retain"}
-    if unknown:
-        raise EvalDataError(f"unknown probe sets {sorted(unknown)}; expected 'forget' and 'retain'")
-    sets = {name: eval_set_from_records(name, probes[name], f"probes.{name}") for name in ("forget", "retain")}
+    sets = _probe_sets(probes)
     dirs = [detector_dir] if isinstance(detector_dir, (str, os.PathLike)) else list(detector_dir)
     artifacts = {"detectors": [_manifest(d, "detector") for d in dirs], "adapter": _manifest(adapter_dir, "adapter")}
     config = EvalConfig(max_new_tokens=policy.max_new_tokens, batch_size=policy.batch_size,
@@ -200,13 +194,56 @@ def verify_candidate(*, model, tokenizer, detector_dir: str | os.PathLike | Sequ
         gen.close()
     if base_model_fingerprint(gen.base) != fingerprint:
         raise EvidenceError("the base model changed while the candidate was evaluated; nothing was recorded")
-    base_s, cand_s = _summary(base), _summary(cand)
-    reasons, deltas = _verdict(policy, sets, base_s, cand_s)
-    passed = not reasons
     weights = cand["gate"]["weights"]
     gate = {name: {"mean_weight": sum(w) / len(w), "n": len(w)} for name, w in weights.items()}
     auroc = cand["gate"].get("auroc_forget_vs_retain")
     gate["auroc_forget_vs_retain"] = auroc["auc"] if auroc else None
+    return _record(policy, sets, config, base, cand, fingerprint, artifacts, gate, request, t0)
+
+
+def verify_patched(*, model, tokenizer, patch: str | os.PathLike, probes: Mapping[str, Sequence[Mapping[str, Any]]],
+                   policy: VerificationPolicy | None = None, progress: bool = False,
+                   request: Mapping[str, Any] | None = None) -> VerificationRecord:
+    """The same evidence for a weight patch (SalUn, IAU): ``model`` (in the patch's dtype) before and with the
+    patch applied; the patch is reverted afterwards, so ``model`` is left as it was."""
+    from ..patches.apply import apply_patch, revert_patch
+    from .targets import LocalTarget, file_sha256, model_fingerprint
+
+    policy = policy or VerificationPolicy()
+    sets = _probe_sets(probes)
+    name = f"patch/{Path(patch).name}"
+    files = {name: file_sha256(patch)}
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    config = EvalConfig(max_new_tokens=policy.max_new_tokens, batch_size=policy.batch_size,
+                        probabilities=policy.probabilities, n_boot=policy.n_boot)
+    t0 = time.perf_counter()
+    fingerprint = model_fingerprint(model)
+    base = evaluate(LocalTarget(model, tokenizer, "base"), sets, config, progress=progress)
+    applied = apply_patch(model, patch)
+    try:
+        cand = evaluate(LocalTarget(model, tokenizer, "candidate"), sets, config, progress=progress)
+    finally:
+        revert_patch(model, applied)
+    if model_fingerprint(model) != fingerprint:
+        raise EvidenceError("the base model changed while the patch was evaluated; nothing was recorded")
+    return _record(policy, sets, config, base, cand, fingerprint, {"patch": {"files": files, "digest": digest}},
+                   {}, request, t0)
+
+
+def _probe_sets(probes) -> dict:
+    if not isinstance(probes, Mapping) or not probes.get("forget") or not probes.get("retain"):
+        raise EvalDataError("a verification needs probes {'forget': [...], 'retain': [...]}, both non-empty: "
+                            "held-out questions about the forgotten data, and questions it must still answer")
+    unknown = set(probes) - {"forget", "retain"}
+    if unknown:
+        raise EvalDataError(f"unknown probe sets {sorted(unknown)}; expected 'forget' and 'retain'")
+    return {name: eval_set_from_records(name, probes[name], f"probes.{name}") for name in ("forget", "retain")}
+
+
+def _record(policy, sets, config, base, cand, fingerprint, artifacts, gate, request, t0) -> VerificationRecord:
+    base_s, cand_s = _summary(base), _summary(cand)
+    reasons, deltas = _verdict(policy, sets, base_s, cand_s)
+    passed = not reasons
     from .. import __version__
 
     return VerificationRecord(

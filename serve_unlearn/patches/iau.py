@@ -10,6 +10,7 @@ left BatchNorm in train mode; we keep its statistics out of the edit).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,8 +27,10 @@ ADAM_EPS = 1e-8
 
 
 def iau(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any, config: IAUConfig | None = None, *,
-        progress: bool = True, patch_dtype: torch.dtype | None = None, **meta: Any) -> WeightPatch:
-    """Compute an IAU patch; ``model`` is left unchanged. ``patch_dtype`` as in :func:`salun`."""
+        progress: bool = True, patch_dtype: torch.dtype | None = None,
+        on_step: Callable[[str, int, int], None] | None = None, **meta: Any) -> WeightPatch:
+    """Compute an IAU patch; ``model`` is left unchanged. ``patch_dtype`` as in :func:`salun`; ``on_step(
+    "gradients", batch, batches)`` after each retain and forget batch."""
     config = config or IAUConfig()
     params = select_parameters(model, config.include, config.exclude)
     forget_batches = task.batches(forget, config.batch_size, seed=config.seed)
@@ -40,7 +43,7 @@ def iau(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any, config: I
     try:
         with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
             torch.manual_seed(config.seed)
-            g_r, g_f = _gradients(model, task, params, forget_batches, retain_batches, n_f, n_r, progress)
+            g_r, g_f = _gradients(model, task, params, forget_batches, retain_batches, n_f, n_r, progress, on_step)
     finally:
         model.train(was_training)
     masks = (saliency_masks({n: g.abs() for n, g in g_f.items()}, config.mask_ratio, scope=config.scope)
@@ -61,12 +64,16 @@ def iau(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any, config: I
     )
 
 
-def _gradients(model, task, params, forget_batches, retain_batches, n_f, n_r, progress):
+def _gradients(model, task, params, forget_batches, retain_batches, n_f, n_r, progress, on_step=None):
     """∇ mean retain loss and ∇ mean forget loss; batch weights turn per-batch means into set means."""
+    total = len(retain_batches) + len(forget_batches)
+    report = on_step or (lambda phase, step, total: None)
     g_r = accumulate_gradients(model, params, retain_batches, task.retain_loss,
-                               lambda b: task.batch_size_of(b) / n_r, desc="iau retain", progress=progress)
+                               lambda b: task.batch_size_of(b) / n_r, desc="iau retain", progress=progress,
+                               on_batch=lambda i: report("gradients", i, total))
     g_f = accumulate_gradients(model, params, forget_batches, task.forget_loss,
-                               lambda b: task.batch_size_of(b) / n_f, desc="iau forget", progress=progress)
+                               lambda b: task.batch_size_of(b) / n_f, desc="iau forget", progress=progress,
+                               on_batch=lambda i: report("gradients", len(retain_batches) + i, total))
     return g_r, g_f
 
 

@@ -42,12 +42,14 @@ def select_parameters(model: nn.Module, include: Sequence[str] | None = None,
 
 
 def accumulate_gradients(model: nn.Module, params: dict[str, nn.Parameter], batches, loss_fn,
-                         weight_fn=None, desc: str = "gradients", progress: bool = True) -> dict[str, torch.Tensor]:
-    """Σ over batches of ∇ (weight · loss) into float32 buffers (one per selected parameter)."""
+                         weight_fn=None, desc: str = "gradients", progress: bool = True,
+                         on_batch=None) -> dict[str, torch.Tensor]:
+    """Σ over batches of ∇ (weight · loss) into float32 buffers (one per selected parameter); ``on_batch(i)``
+    after the i-th batch (1-based), for callers that report progress."""
     if not batches:
         raise UnlearnDataError("no batches to compute gradients on: the data set is empty")
     acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
-    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False), 1):
         model.zero_grad(set_to_none=True)
         loss = loss_fn(model, batch)
         if weight_fn is not None:
@@ -56,6 +58,8 @@ def accumulate_gradients(model: nn.Module, params: dict[str, nn.Parameter], batc
         for n, p in params.items():
             if p.grad is not None:
                 acc[n] += p.grad.to(torch.float32)
+        if on_batch is not None:
+            on_batch(i)
     model.zero_grad(set_to_none=True)
     return acc
 

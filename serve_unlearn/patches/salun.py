@@ -58,12 +58,13 @@ def train_masked(model: nn.Module, params: dict[str, nn.Parameter], masks: dict[
                  task: UnlearnTask, epoch_batches: Callable[[int], tuple[list, list]], *, lr: float, epochs: int,
                  retain_weight: float, optimizer: str = "adam", momentum: float = 0.0, progress: bool = True,
                  objective: Objective | None = None, monitor: HoldoutMonitor | None = None,
-                 eval_every: int = 0) -> None:
+                 eval_every: int = 0, on_step: Callable[[int, int], None] | None = None) -> None:
     """Minimise forget(forget) + α·mean retain(retain), moving only the masked weights.
 
     ``epoch_batches(epoch)`` returns that epoch's (forget batches, retain batches), so each epoch can reshuffle.
     ``objective`` gives the two losses (default: the task's swapped-target loss and its retain loss); ``monitor``
     is checked every ``eval_every`` steps (0: each epoch end) and may stop training, leaving its best weights.
+    ``on_step(step, total)`` after each step (total: steps of every epoch, if none stops early).
     """
     forget_fn = objective.forget if objective is not None else task.unlearn_loss
     retain_fn = objective.retain if objective is not None else task.retain_loss
@@ -102,6 +103,8 @@ def train_masked(model: nn.Module, params: dict[str, nn.Parameter], masks: dict[
                                 state.mul_(masks[n])
                 bar.set_postfix(forget_loss=f"{float(loss.detach()):.3f}")
                 step += 1
+                if on_step is not None:
+                    on_step(step, epochs * len(forget_batches))
                 if monitor is not None and eval_every and step % eval_every == 0:
                     stop = monitor.check(model, params, step)
                     if stop:
@@ -122,12 +125,15 @@ def train_masked(model: nn.Module, params: dict[str, nn.Parameter], masks: dict[
 
 def salun(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any | None = None,
           config: SalUnConfig | None = None, *, keep_edits: bool = False, progress: bool = True,
-          patch_dtype: torch.dtype | None = None, **meta: Any) -> WeightPatch:
+          patch_dtype: torch.dtype | None = None, on_step: Callable[[str, int, int], None] | None = None,
+          **meta: Any) -> WeightPatch:
     """Compute a SalUn patch for ``model`` (trained in place; restored to the base unless ``keep_edits``).
 
     The patch is in the dtype of the model's weights, so applying it reproduces the unlearned model bit for bit;
     ``patch_dtype`` makes it for the checkpoint's dtype instead (train in float32 on a bfloat16 checkpoint:
     weights outside the mask round-trip exactly, so the patch still touches only the mask).
+    ``on_step(phase, step, total)`` reports progress (phases ``saliency``, then ``training``); an exception it
+    raises stops the work, with the model restored.
     """
     config = config or SalUnConfig()
     params = select_parameters(model, config.include, config.exclude)
@@ -161,7 +167,7 @@ def salun(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any | None =
         with torch.random.fork_rng(devices=[]):  # our seeding must not reset the caller's random state
             torch.manual_seed(config.seed)
             edited = _salun_edit(model, task, params, forget_batches, epoch_batches, config, progress, base,
-                                 keep_edits, monitor)
+                                 keep_edits, monitor, on_step)
     finally:
         model.train(was_training)
     if monitor is not None:
@@ -172,12 +178,15 @@ def salun(model: nn.Module, task: UnlearnTask, forget: Any, retain: Any | None =
     )
 
 
-def _salun_edit(model, task, params, forget_batches, epoch_batches, config, progress, base, keep_edits, monitor):
+def _salun_edit(model, task, params, forget_batches, epoch_batches, config, progress, base, keep_edits, monitor,
+                on_step=None):
     """Saliency, mask, masked training; returns the edited parameters (the model restored unless keep_edits)."""
     objective = None
+    report = on_step or (lambda phase, step, total: None)
     try:
         grads = accumulate_gradients(model, params, forget_batches, task.forget_loss, desc="saliency",
-                                     progress=progress)
+                                     progress=progress,
+                                     on_batch=lambda i: report("saliency", i, len(forget_batches)))
         saliency = {n: g.abs_() for n, g in grads.items()}
         if config.saliency_retain_weight:
             for sal in saliency.values():
@@ -197,7 +206,8 @@ def _salun_edit(model, task, params, forget_batches, epoch_batches, config, prog
                               simnpo_gamma=config.simnpo_gamma)
         train_masked(model, params, masks, task, epoch_batches, lr=config.lr, epochs=config.epochs,
                      retain_weight=config.retain_weight, optimizer=config.optimizer, momentum=config.momentum,
-                     progress=progress, objective=objective, monitor=monitor, eval_every=config.eval_every)
+                     progress=progress, objective=objective, monitor=monitor, eval_every=config.eval_every,
+                     on_step=lambda step, total: report("training", step, total))
         return snapshot(params)
     finally:
         if objective is not None:

@@ -43,12 +43,12 @@ class Job:
     method: str
     status: str
     created_at: str
-    spec: dict  # config, data digest, counts, inbox file
+    spec: dict  # config, data digest, counts (records, retain, probes), inbox file
     attempts: int
     max_attempts: int
     progress: dict  # phase, step, total
     timings: dict  # status -> ISO time it was entered
-    result: dict  # request_id, artifacts' digests, guard, verification
+    result: dict  # request_id (O3) or patch (SalUn/IAU), artifacts' digests, guard, verification
     error: str | None
 
     def to_dict(self) -> dict:
@@ -67,16 +67,18 @@ class ForgetQueue:
 
     # -- filing -----------------------------------------------------------------------------------------------
     def file(self, name: str, method: str, records: list[dict], *, config: dict, probes: dict | None = None,
-             max_attempts: int = 3) -> Job:
-        """Queue a validated filing; ConflictError when the name is live here or in the registry."""
+             retain: list[dict] | None = None, max_attempts: int = 3) -> Job:
+        """Queue a validated filing (``retain``: the retain records of a weight-patch method); ConflictError when
+        the name is live here or in the registry."""
         check_name(name)
         job_id = uuid.uuid4().hex
-        submission = {"records": records, "probes": probes or {}}
+        submission = {"records": records, "probes": probes or {}, **({"retain": retain} if retain else {})}
         self.inbox.mkdir(parents=True, exist_ok=True)
         path = self.inbox / f"{job_id}.json"
         _write_durably(path, json.dumps(submission).encode())
         spec = {"config": config, "data_digest": data_digest(records), "records": len(records),
-                "probes": {k: len(v) for k, v in (probes or {}).items()}, "inbox": f"inbox/{job_id}.json"}
+                "probes": {k: len(v) for k, v in (probes or {}).items()}, "inbox": f"inbox/{job_id}.json",
+                **({"retain": len(retain), "retain_digest": data_digest(retain)} if retain else {})}
         created = now_iso()
         try:
             with self._store._connect(write=True) as con:

@@ -61,6 +61,9 @@ class ServeConfig(StrictConfig):
     registry_database: str | None = None
     # ForgetConfig YAML every filing starts from (configs/o3_forget.yaml); a filing's `config` overrides keys
     forget_config: Path | None = None
+    # SalUnConfig / IAUConfig YAML every `method: salun` / `method: iau` filing starts from (null: the defaults)
+    salun_config: Path | None = None
+    iau_config: Path | None = None
     vllm: VllmSection = Field(default_factory=VllmSection)
     # what a filing's probes must show before it is put in force (filings without probes are not verified)
     evidence: VerificationPolicy = Field(default_factory=VerificationPolicy)

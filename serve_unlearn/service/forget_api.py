@@ -1,7 +1,9 @@
 """The forget-request routes: file, inspect, list, retire, retry, and score texts with the gate in force.
 
 A filing is validated completely before anything is recorded (name, method, records, config keys, probes,
-size): a bad one gets a 4xx that says what to fix, and leaves neither a row nor a file.
+size): a bad one gets a 4xx that says what to fix, and leaves neither a row nor a file. ``method: o3`` trains a
+gated adapter; ``salun`` / ``iau`` compute a weight patch from forget ``records`` and ``retain`` records (the
+records of the CLI's JSONL data files), put in force on every server as a live patch.
 """
 
 from __future__ import annotations
@@ -16,17 +18,22 @@ from pydantic import BaseModel, Field
 
 from ..errors import ServeUnlearnError, UnlearnDataError
 from ..eval.data import eval_set_from_records
+from ..patches.compute import METHODS as PATCH_CONFIGS
+from ..patches.compute import method_config
 from ..registry import ForgetQueue, Job, check_name
 from ..registry.queue import STATUSES
 from .auth import AdminAuth
 from .errors import ApiError
+from .patch_jobs import PATCH_METHODS
 from .worker import forget_config
 
-METHODS = ("o3",)
+METHODS = ("o3", *PATCH_METHODS)  # salun, iau: a weight patch, applied live on every server
 MIN_DISTINCT_PROMPTS = 12  # the detector's minimum: fit on 8, calibrate on 4 held out
+FIELDS = ("name", "method", "records", "retain", "config", "probes")
 
 _RECORD = {"type": "object", "properties": {"prompt": {"type": "string", "minLength": 1},
-                                            "completion": {"type": "string"}}, "required": ["prompt"]}
+                                            "completion": {"type": "string"}, "text": {"type": "string"}},
+           "description": "o3: {prompt, completion?}; salun/iau: {prompt, completion} or {text}"}
 _PROBE = {"type": "object", "properties": {"question": {"type": "string"}, "answer": {
     "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}}
 FILING_SCHEMA = {
@@ -34,14 +41,19 @@ FILING_SCHEMA = {
     "properties": {
         "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
         "method": {"type": "string", "enum": list(METHODS), "default": "o3"},
-        "records": {"type": "array", "items": _RECORD, "minItems": 1},
-        "config": {"type": "object", "description": "ForgetConfig keys (detector:, lora:) over the service's"},
+        "records": {"type": "array", "items": _RECORD, "minItems": 1, "description": "what to forget"},
+        "retain": {"type": "array", "items": _RECORD, "description": "salun (optional) / iau (required): what "
+                   "the model must keep answering"},
+        "config": {"type": "object", "description": "o3: ForgetConfig keys (detector:, lora:); salun: "
+                   "SalUnConfig keys; iau: IAUConfig keys; over the service's"},
         "probes": {"type": "object", "properties": {"forget": {"type": "array", "items": _PROBE},
                                                     "retain": {"type": "array", "items": _PROBE}}},
     }}
 _MULTIPART = {"type": "object", "required": ["name", "file"], "properties": {
     "name": {"type": "string"}, "method": {"type": "string"}, "config": {"type": "string"},
-    "file": {"type": "string", "format": "binary", "description": "JSONL, one {prompt, completion?} a line"}}}
+    "probes": {"type": "string"},
+    "file": {"type": "string", "format": "binary", "description": "JSONL, one {prompt, completion?} a line"},
+    "retain_file": {"type": "string", "format": "binary", "description": "salun/iau: retain JSONL"}}}
 
 
 class ScoreBody(BaseModel):
@@ -54,7 +66,8 @@ def job_view(job: Job) -> dict[str, Any]:
     return {"id": job.id, "object": "forget_request", "name": job.name, "method": job.method,
             "status": job.status, "progress": job.progress, "attempts": job.attempts,
             "max_attempts": job.max_attempts, "created_at": job.created_at, "timings": job.timings,
-            "records": job.spec.get("records"), "data_digest": job.spec.get("data_digest"),
+            "records": job.spec.get("records"), "retain": job.spec.get("retain"),
+            "data_digest": job.spec.get("data_digest"),
             "probes": job.spec.get("probes"), "guarded": bool(job.result.get("guard")),
             "result": result, "error": job.error}
 
@@ -91,6 +104,9 @@ async def parse_filing(request: Request, limit: int) -> dict:
                            "ValidationError")
         records = _jsonl(await upload.read())
         filing: dict = {"name": form.get("name"), "method": form.get("method") or "o3", "records": records}
+        retain = form.get("retain_file")
+        if isinstance(retain, UploadFile):
+            filing["retain"] = _jsonl(await retain.read())
         for key in ("config", "probes"):
             if form.get(key):
                 filing[key] = _json_field(key, form.get(key))
@@ -133,10 +149,9 @@ def _json_field(key: str, raw: str) -> Any:
 
 def validate_filing(filing: dict, config, max_records: int) -> dict:
     """Every check a worker would fail on later, done now; returns the normalised filing."""
-    unknown = sorted(set(filing) - {"name", "method", "records", "config", "probes"})
+    unknown = sorted(set(filing) - set(FIELDS))
     if unknown:
-        raise ApiError(422, f"unknown field(s) {unknown}; a filing has name, method, records, config, probes",
-                       "ValidationError")
+        raise ApiError(422, f"unknown field(s) {unknown}; a filing has {', '.join(FIELDS)}", "ValidationError")
     name = filing.get("name")
     try:
         check_name(name)
@@ -144,15 +159,39 @@ def validate_filing(filing: dict, config, max_records: int) -> dict:
         raise ApiError(422, str(exc), "ValidationError") from None
     method = filing.get("method") or "o3"
     if method not in METHODS:
-        raise ApiError(422, f"method {method!r} is not served by the control plane; use one of {list(METHODS)} "
-                       "(SalUn/IAU patches: `serve-unlearn salun|iau` and `patch apply`)", "ValidationError")
+        raise ApiError(422, f"method {method!r} is not served by the control plane; use one of {list(METHODS)}",
+                       "ValidationError")
     records = filing.get("records")
     if not isinstance(records, list) or not records:
-        raise ApiError(422, "records must be a non-empty list of {\"prompt\": ..., \"completion\": ...} objects",
+        raise ApiError(422, "records must be a non-empty list of {\"prompt\": ..., \"completion\": ...} objects "
+                       "(what to forget)", "ValidationError")
+    retain = filing.get("retain")
+    count = len(records) + len(retain if isinstance(retain, list) else [])
+    if count > max_records:
+        raise ApiError(413, f"{count} records; a filing takes at most {max_records} "
+                       "(max_records)", "RequestTooLarge")
+    if method in PATCH_METHODS:
+        clean, retain, overrides, merged = _patch_filing(method, records, retain, filing.get("config"), config)
+    else:
+        if retain is not None:
+            raise ApiError(422, "retain records are for method salun or iau; an o3 request keeps everything its "
+                           "detector does not flag", "ValidationError")
+        clean, overrides, merged = _o3_filing(records, filing.get("config"), config)
+    probes = filing.get("probes") or {}
+    if not isinstance(probes, dict) or (probes and set(probes) != {"forget", "retain"}):
+        raise ApiError(422, "probes must be {\"forget\": [...], \"retain\": [...]}: held-out questions about what "
+                       "is forgotten and questions the model must still answer, each {question, answer}",
                        "ValidationError")
-    if len(records) > max_records:
-        raise ApiError(413, f"{len(records)} records; a filing takes at most {max_records} (max_records)",
-                       "RequestTooLarge")
+    for key, items in probes.items():
+        try:
+            eval_set_from_records(key, items, f"probes.{key}")
+        except ServeUnlearnError as exc:
+            raise ApiError(422, f"probes: {exc}", "ValidationError") from None
+    return {"name": name, "method": method, "records": clean, "retain": retain, "overrides": overrides,
+            "probes": probes, "config": merged.model_dump(mode="json")}
+
+
+def _o3_filing(records: list, overrides, config) -> tuple[list, dict, Any]:
     clean = []
     for i, rec in enumerate(records):
         if isinstance(rec, str):
@@ -167,25 +206,57 @@ def validate_filing(filing: dict, config, max_records: int) -> dict:
         raise ApiError(422, f"{distinct} distinct prompts; a forget request needs at least {MIN_DISTINCT_PROMPTS} "
                        "(its detector fits on 8 and calibrates on 4 held out): add paraphrases of what to forget",
                        "ValidationError")
-    overrides = filing.get("config") or {}
+    overrides = overrides or {}
     if not isinstance(overrides, dict):
         raise ApiError(422, "config must be an object of ForgetConfig keys (detector:, lora:)", "ValidationError")
     try:
         merged = forget_config(config, overrides)
     except ServeUnlearnError as exc:
         raise ApiError(422, str(exc), "ValidationError") from None
-    probes = filing.get("probes") or {}
-    if not isinstance(probes, dict) or (probes and set(probes) != {"forget", "retain"}):
-        raise ApiError(422, "probes must be {\"forget\": [...], \"retain\": [...]}: held-out questions about what "
-                       "is forgotten and questions the model must still answer, each {question, answer}",
+    return clean, overrides, merged
+
+
+def lm_records(records: list, field: str) -> list[dict]:
+    """Records as the CLI's JSONL data files hold them: ``{prompt, completion}`` (loss on the completion) or
+    ``{text}``; other keys are dropped."""
+    clean = []
+    for i, rec in enumerate(records):
+        if isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and rec["prompt"].strip():
+            if not isinstance(rec.get("completion"), str):
+                raise ApiError(422, f"{field}[{i}] needs a 'completion' string with its 'prompt' (the answer "
+                               "to forget or keep)", "ValidationError")
+            clean.append({"prompt": rec["prompt"], "completion": rec["completion"]})
+        elif isinstance(rec, dict) and isinstance(rec.get("text"), str) and rec["text"].strip():
+            clean.append({"text": rec["text"]})
+        else:
+            raise ApiError(422, f"{field}[{i}] must be {{\"prompt\": ..., \"completion\": ...}} or "
+                           "{\"text\": ...}", "ValidationError")
+    return clean
+
+
+def _patch_filing(method: str, records: list, retain, overrides, config) -> tuple[list, list | None, dict, Any]:
+    clean = lm_records(records, "records")
+    if retain is not None and not isinstance(retain, list):
+        raise ApiError(422, "retain must be a list of {\"prompt\", \"completion\"} or {\"text\"} records",
                        "ValidationError")
-    for key, items in probes.items():
-        try:
-            eval_set_from_records(key, items, f"probes.{key}")
-        except ServeUnlearnError as exc:
-            raise ApiError(422, f"probes: {exc}", "ValidationError") from None
-    return {"name": name, "method": method, "records": clean, "overrides": overrides, "probes": probes,
-            "config": merged.model_dump(mode="json")}
+    retain = lm_records(retain, "retain") if retain else None
+    if method == "iau" and not retain:
+        raise ApiError(422, "method iau needs retain records: its one update is ∇[retain loss − forget loss]",
+                       "ValidationError")
+    overrides = overrides or {}
+    allowed = sorted(PATCH_CONFIGS[method].model_fields)
+    if not isinstance(overrides, dict):
+        raise ApiError(422, f"config must be an object of {method} keys: {allowed}", "ValidationError")
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ApiError(422, f"unknown config key(s) {unknown} for method {method}; allowed: {allowed}",
+                       "ValidationError")
+    try:
+        merged = method_config(method, overrides, yaml_path=getattr(config, f"{method}_config", None),
+                               where=f"the {method} request's config")
+    except ServeUnlearnError as exc:
+        raise ApiError(422, str(exc), "ValidationError") from None
+    return clean, retain, overrides, merged
 
 
 def build_router(queue: ForgetQueue, publisher, config, auth: AdminAuth, gate_cache) -> APIRouter:
@@ -199,7 +270,7 @@ def build_router(queue: ForgetQueue, publisher, config, auth: AdminAuth, gate_ca
         filing = validate_filing(await parse_filing(request, config.max_body_bytes), config, config.max_records)
         job = await asyncio.to_thread(queue.file, filing["name"], filing["method"], filing["records"],
                                       config=filing["overrides"], probes=filing["probes"],
-                                      max_attempts=config.worker.max_attempts)
+                                      retain=filing["retain"], max_attempts=config.worker.max_attempts)
         return JSONResponse({"id": job.id, "object": "forget_request", "status": job.status}, status_code=202,
                             headers={"Location": f"/v1/forget-requests/{job.id}"})
 

@@ -4,8 +4,9 @@ Workers only train; the publisher (a thread of the API process) moves ``ready`` 
 existing hot-load path (bank, load on every server, publish, switch, drain, unload), all or nothing across
 servers: when one server refuses, nothing is switched anywhere, the filings of that attempt are taken out of the
 registry again and marked ``failed`` with the reason. Retiring takes the request out of the registry and puts
-the remaining ones in force the same way. One publication at a time per registry (a lock file beside the
-registry), so two API replicas never interleave their switches.
+the remaining ones in force the same way. SalUn/IAU filings are weight patches, applied and reverted live on
+every server and reconciled with each server on every poll (``patch_jobs.LivePatches``). One publication at a
+time per registry (a lock file beside the registry), so two API replicas never interleave their switches.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..serving.vllm.contract import STATUS_PATH
 from ..serving.vllm.hotload import call_server, load_into_servers
 from ..serving.vllm.routing import published_bank
 from .metrics import ServiceMetrics
+from .patch_jobs import PATCH_METHODS, LivePatches
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class Publisher:
         self.vllm_config, self.api_key, self.drain_timeout_s = vllm_config, api_key, drain_timeout_s
         self.last_error: str | None = None
         self._local = threading.Lock()
+        self.patches = LivePatches(registry, queue, self.servers, api_key=api_key)
 
     def _load(self) -> None:
         if self.servers:
@@ -48,12 +51,40 @@ class Publisher:
             logger.info("generation %s in force on %d server(s)", report.version, len(self.servers))
 
     def step(self) -> list[str]:
-        """Put every ready filing in force; the ids moved to ``in_force``."""
+        """Put every ready filing in force (and keep the in-force patches on every server); the ids moved to
+        ``in_force``."""
         ready = self.queue.list("ready")
-        if not ready and not self._behind():
-            return []
+        moved = []
+        if any(j.method not in PATCH_METHODS for j in ready) or self._behind():
+            moved += self._step_o3()
+        if (any(j.method in PATCH_METHODS for j in ready) or self.patches.dirty or self.patches.errors
+                or self.patches.in_force()):
+            moved += self._step_patches()
+        return moved
+
+    def _step_patches(self) -> list[str]:
+        moved = []
         with self._local, publication_lock(self.registry):
-            ready = self.queue.list("ready")
+            if self.servers:
+                self.patches.reconcile()
+            for job in [j for j in self.queue.list("ready") if j.method in PATCH_METHODS]:
+                try:
+                    if self.servers:
+                        self.patches.put_in_force(job)
+                except ServeUnlearnError as exc:
+                    self.metrics.hotload_failures.inc()
+                    self.queue.move(job.id, "failed", expect=("ready",), error=f"not put in force: {exc}")
+                    continue
+                if self.queue.move(job.id, "in_force", expect=("ready",)):
+                    moved.append(job.id)
+                    self.metrics.observe_in_force(self.queue.get(job.id))
+                else:
+                    self.patches.dirty = True  # retired meanwhile: the next reconcile reverts it
+        return moved
+
+    def _step_o3(self) -> list[str]:
+        with self._local, publication_lock(self.registry):
+            ready = [j for j in self.queue.list("ready") if j.method not in PATCH_METHODS]
             try:
                 self._load()
             except ServerError as exc:
@@ -87,6 +118,8 @@ class Publisher:
         job = self.queue.get(job_id)
         if job.status in ("retired", "failed"):
             raise ConflictError(f"forget request {job.name!r} is already {job.status}")
+        if job.method in PATCH_METHODS:
+            return self._retire_patch(job)
         with self._local, publication_lock(self.registry):
             job = self.queue.get(job_id)
             if job.status in ("ready", "in_force"):
@@ -98,6 +131,21 @@ class Publisher:
                                                               "in_force"), result={"guard": None}):
                 raise ConflictError(f"forget request {job.name!r} changed status meanwhile; try again")
         return self.queue.get(job_id)
+
+    def _retire_patch(self, job: Job) -> Job:
+        """Out of the registry's in-force patches, then reverted on every server (ServerError naming those that
+        did not take the revert: the record says retired, and every poll retries them)."""
+        with self._local, publication_lock(self.registry):
+            if not self.queue.move(job.id, "retired", expect=("queued", "training", "guarded", "ready", "in_force"),
+                                   result={"guard": None}):
+                raise ConflictError(f"forget request {job.name!r} changed status meanwhile; try again")
+            if self.servers:
+                self.patches.reconcile()
+            if self.patches.errors:
+                raise ServerError(f"forget request {job.name!r} is retired, but its patch is not yet reverted on "
+                                  f"every server ({'; '.join(f'{s}: {e}' for s, e in self.patches.errors.items())}); "
+                                  "the service retries on every poll")
+        return self.queue.get(job.id)
 
     def servers_health(self) -> dict[str, str]:
         """Per server: ``ok``, or why it is not ready (unreachable, no middleware, not on the published version)."""
@@ -115,6 +163,8 @@ class Publisher:
                 continue
             version = json.loads(text).get("version")
             out[server] = "ok" if version == want else f"routes version {version}, published is {want}"
+            if out[server] == "ok" and server.rstrip("/") in self.patches.errors:
+                out[server] = f"patches: {self.patches.errors[server.rstrip('/')]}"
         if self.last_error:
             out["publication"] = self.last_error
         return out

@@ -1,9 +1,10 @@
 """The training worker: claims queued filings from the registry and trains them, in its own process.
 
 ``python -m serve_unlearn.service.worker --config FILE`` (the service starts these; ``serve-unlearn worker``
-runs one on another host). Per filing: detector first, published at once as a guard (the filing is ``guarded``:
-middlewares refuse what it flags), then the unlearning LoRA, then the request is registered ``ready``; the
-service's publisher puts it in force. Progress and a heartbeat go to the queue row; a row that is retired
+runs one on another host). Per O3 filing: detector first, published at once as a guard (the filing is
+``guarded``: middlewares refuse what it flags), then the unlearning LoRA, then the request is registered
+``ready``; the service's publisher puts it in force. A SalUn/IAU filing becomes a weight patch in the registry
+folder (``patch_jobs``), then ``ready``. Progress and a heartbeat go to the queue row; a row that is retired
 meanwhile stops the training at the next step. A user's data error fails the filing at once; any other error
 costs one attempt (re-queued until ``max_attempts``), as does a worker killed mid-training.
 """
@@ -25,6 +26,7 @@ from ..eval.staged import EvidenceShortfall
 from ..registry import ForgetQueue, ForgetRegistry, Job
 from ..registry.integrity import folder_manifest
 from .config import ServeConfig
+from .patch_jobs import PATCH_METHODS, train_patch
 
 logger = logging.getLogger(__name__)
 GUARDS_FOLDER = "guards"
@@ -91,12 +93,18 @@ class Worker:
         guard_root = self.registry.root / GUARDS_FOLDER / job.id
         try:
             submission = self.queue.submission(job)
-            config = forget_config(self.config, job.spec.get("config") or {})
             self._load_model()
 
             def on_progress(phase: str, step: int, total: int) -> None:
                 if not self.queue.beat(job.id, {"phase": phase, "step": step, "total": total}):
                     raise Withdrawn(job.id)
+
+            if job.method in PATCH_METHODS:
+                result = train_patch(self, job, submission, on_progress)
+                if not self.queue.move(job.id, "ready", expect=("training",), result=result):
+                    logger.info("forget request %s was retired as its patch was saved", job.name)
+                return
+            config = forget_config(self.config, job.spec.get("config") or {})
 
             def on_detector(folder: Path) -> None:
                 shutil.rmtree(guard_root, ignore_errors=True)

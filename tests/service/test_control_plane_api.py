@@ -96,7 +96,15 @@ def test_every_admin_route_needs_the_token(service, method, path):
 @pytest.mark.parametrize("payload,status,words", [
     ({"name": "empty", "records": []}, 422, "non-empty list"),
     ({"name": "eleven", "records": _records(CHEMISTRY, 11)}, 422, "at least 12"),
-    ({"name": "method", "method": "salun", "records": _records(CHEMISTRY)}, 422, "not served"),
+    ({"name": "method", "method": "rmu", "records": _records(CHEMISTRY)}, 422, "not served"),
+    ({"name": "salun-key", "method": "salun", "records": _records(CHEMISTRY), "config": {"ratoi": 0.5}}, 422,
+     "allowed: ["),
+    ({"name": "salun-value", "method": "salun", "records": _records(CHEMISTRY), "config": {"epochs": 0}}, 422,
+     "epochs"),
+    ({"name": "salun-none", "method": "salun", "retain": _records(ANIMALS)}, 422, "non-empty list"),
+    ({"name": "salun-half", "method": "salun", "records": [{"prompt": "What is H2O?"}]}, 422, "completion"),
+    ({"name": "iau-alone", "method": "iau", "records": _records(CHEMISTRY)}, 422, "needs retain"),
+    ({"name": "o3-retain", "records": _records(CHEMISTRY), "retain": _records(ANIMALS)}, 422, "salun or iau"),
     ({"name": "bad name!", "records": _records(CHEMISTRY)}, 422, "not allowed"),
     ({"name": "cfg", "records": _records(CHEMISTRY), "config": {"lora": {"epochz": 2}}}, 422, "epochz"),
     ({"name": "extra", "records": _records(CHEMISTRY), "priority": 1}, 422, "unknown field"),
@@ -189,6 +197,28 @@ def test_a_killed_api_process_loses_nothing(service):
     after = {r["id"]: (r["status"], r["data_digest"]) for r in service.call("GET", "/v1/forget-requests")[2]["data"]}
     assert {k: after[k] for k in before} == before
     assert service.wait_for(filed["id"], {"in_force", "failed"})["status"] == "in_force"
+
+
+def test_a_salun_filing_becomes_a_patch_in_the_registry_folder(service):
+    """Without servers the patch is in force at once; its file and manifest are the filing's result."""
+    from serve_unlearn.patches import WeightPatch
+    from serve_unlearn.registry.integrity import file_sha256
+
+    status, _, filed = service.call("POST", "/v1/forget-requests", {
+        "name": "salun-chem", "method": "salun", "records": _records(CHEMISTRY, 8) + [{"text": "NaCl is salt."}],
+        "retain": _records(ANIMALS, 4), "config": {"epochs": 1, "batch_size": 4, "ratio": 0.1}})
+    assert status == 202, filed
+    done = service.wait_for(filed["id"], {"in_force", "failed"})
+    assert done["status"] == "in_force", done["error"]
+    assert done["records"] == 9 and done["retain"] == 4 and done["attempts"] == 1
+    assert done["progress"] == {"phase": "training", "step": 3, "total": 3}
+    rel = done["result"]["patch"]
+    path = service.folder / "registry" / rel
+    assert done["result"]["artifacts"] == {rel: file_sha256(path)}
+    patch = WeightPatch.load(path)
+    assert patch.metadata["method"] == "salun" and patch.patch_id == done["result"]["patch_id"]
+    status, _, retired = service.call("DELETE", f"/v1/forget-requests/{filed['id']}")
+    assert status == 200 and retired["status"] == "retired"
 
 
 def _probes(n_forget):
