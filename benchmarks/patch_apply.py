@@ -22,6 +22,18 @@ outside the timed region, so every run does the same work.
     python benchmarks/patch_apply.py                  # 4M, 16M, 64M elements; fp32, bf16; 1/10/50 %; both tables
     python benchmarks/patch_apply.py --sizes 4M --mode add --device cuda --table throughput
     python benchmarks/patch_apply.py --threads 1      # steadier on a small, shared CPU box
+
+Whole-model table (``--table model``): a patch file of ``--patch-gb`` GB (bf16, each density) made against a
+model-sized state dict of 64M-element tensors on ``--device``, timed end to end the way a live apply runs it:
+``WeightPatch.load`` (read + payload check), ``apply_patch`` with and without the base digests, ``revert_patch``,
+against one device ``copy_`` of the same weights. The reverted weights are checked bit for bit.
+
+    python benchmarks/patch_apply.py --table model --device cuda --patch-gb 1 --densities 0.5 0.05
+
+Block table (``--table blocks``, CUDA): the Triton apply per (``BLOCK``, ``num_warps``), the kernel alone and the
+whole call, in ms from CUDA events over back-to-back runs; how the kernel's defaults were chosen.
+
+    python benchmarks/patch_apply.py --table blocks --device cuda --sizes 128M --densities 0.5 0.05
 """
 
 from __future__ import annotations
@@ -147,6 +159,87 @@ def bench_verify(numel: int, dtype: torch.dtype, density: float, mode: str, devi
     return [t * 1e3 for t in times]
 
 
+def bench_model(patch_gb: float, density: float, device: torch.device, workdir: Path) -> dict:
+    """Seconds for load / apply (verify False, True) / revert of a ``patch_gb`` GB bf16 patch, and a copy_."""
+    from serve_unlearn.patches import WeightPatch, apply_patch, revert_patch
+
+    chunk = 64 << 20
+    per_element = density * 2 + 1 / 8  # bf16 values + the packed mask
+    count = max(1, round(patch_gb * 1e9 / per_element / chunk))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    base, edited = {}, {}
+    for i in range(count):
+        w = torch.randn(chunk, generator=g).to(torch.bfloat16).view(8192, -1)
+        e = w.clone()
+        m = torch.rand(w.shape, generator=g) < density
+        e[m] = torch.randn(int(m.sum()), generator=g).to(torch.bfloat16)
+        base[f"layers.{i}.weight"], edited[f"layers.{i}.weight"] = w, e
+    path = WeightPatch.from_diff(base, edited, method="bench").save(workdir / f"model_{density}.patch.safetensors")
+    del edited
+    state = {n: t.to(device) for n, t in base.items()}
+    scratch = torch.empty_like(next(iter(state.values())))
+
+    def timed(fn):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        return time.perf_counter() - t0, out
+
+    t_copy = min(timed(lambda: [scratch.copy_(t) for t in state.values()])[0] for _ in range(3))
+    t_load, patch = timed(lambda: WeightPatch.load(path))
+    t_fast, _ = timed(lambda: apply_patch(state, patch, verify=False))
+    t_revert, _ = timed(lambda: revert_patch(state, patch))
+    t_checked, _ = timed(lambda: apply_patch(state, patch))
+    revert_patch(state, patch)
+    exact = all(torch.equal(state[n].cpu(), base[n]) for n in base)
+    return {"patch_gb": path.stat().st_size / 1e9, "weights_gb": count * chunk * 2 / 1e9, "density": density,
+            "copy_s": t_copy, "load_s": t_load, "apply_s": t_fast, "apply_verified_s": t_checked,
+            "revert_s": t_revert, "reverted_exactly": exact}
+
+
+def _event_ms(fn, reps: int = 20) -> float:
+    """Mean ms of back-to-back CUDA runs (launch overhead overlapped, as in a loader's stream of tensors)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def bench_blocks(numel: int, dtype: torch.dtype, density: float) -> list[dict]:
+    from serve_unlearn.kernels import masked_apply_triton as tri
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    weight = torch.randn(numel, generator=g).to(dtype).cuda()
+    mask = torch.rand(numel, generator=g) < density
+    packed = pack_mask(mask).cuda()
+    values = torch.randn(int(mask.sum()), generator=g).to(dtype).cuda()
+    other = torch.empty_like(weight)
+    copy_ms = _event_ms(lambda: weight.copy_(other))
+    rows = []
+    for block in (1024, 2048, 4096, 8192):
+        starts, _ = tri._block_starts(packed, triton_cdiv(numel, block), block)
+        for warps in (2, 4, 8):
+            def kernel(block=block, warps=warps, starts=starts):
+                tri._masked_apply_kernel[(triton_cdiv(numel, block),)](weight, packed, values, starts, numel,
+                                                                       BLOCK=block, ADD=False, num_warps=warps)
+
+            def call(block=block, warps=warps):
+                tri.masked_apply_triton_(weight, packed, values, block=block, num_warps=warps)
+
+            rows.append({"block": block, "warps": warps, "kernel_ms": _event_ms(kernel), "call_ms": _event_ms(call),
+                         "copy_ms": copy_ms})
+    return rows
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["4M", "16M", "64M"])
@@ -156,7 +249,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--table", choices=["throughput", "verify", "both"], default="both")
+    parser.add_argument("--table", choices=["throughput", "verify", "both", "model", "blocks"], default="both")
+    parser.add_argument("--patch-gb", type=float, default=1.0, help="patch file size for --table model")
     parser.add_argument("--impls", nargs="+", default=["auto"], choices=["auto", "torch", "numba", "triton"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "patch_apply"))
     args = parser.parse_args(argv)
@@ -210,6 +304,30 @@ def main(argv=None) -> None:
                                                                args.repeats)
                     print(f"| {size} | {name} | {density:.0%} | {cp:.1f} | {wr:.1f} | {off:.1f} | {load:.1f} | "
                           f"{on:.1f} | {full:.1f} | {(on + load) / off:.2f} | {(on + load) / cp:.1f} |", flush=True)
+
+    if args.table == "model":
+        print("\nwhole-model patch, seconds (verified = apply_patch's default: base digests checked)\n")
+        print("| patch GB | weights GB | density | load | apply | apply verified | revert | copy_ weights | "
+              "apply / copy_ | reverted exactly |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        workdir = Path(args.out).parent
+        workdir.mkdir(parents=True, exist_ok=True)
+        for density in args.densities:
+            r = bench_model(args.patch_gb, density, device, workdir)
+            print(f"| {r['patch_gb']:.2f} | {r['weights_gb']:.1f} | {density:.0%} | {r['load_s']:.2f} | "
+                  f"{r['apply_s']:.3f} | {r['apply_verified_s']:.2f} | {r['revert_s']:.2f} | {r['copy_s']:.3f} | "
+                  f"{r['copy_s'] / r['apply_s']:.2f} | {r['reverted_exactly']} |", flush=True)
+
+    if args.table == "blocks":
+        print("| elements | dtype | density | BLOCK | warps | kernel ms | call ms | copy ms | kernel/copy | call/copy |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for size in args.sizes:
+            for name in args.dtypes:
+                for density in args.densities:
+                    for r in bench_blocks(_size(size), DTYPES[name], density):
+                        print(f"| {size} | {name} | {density:.0%} | {r['block']} | {r['warps']} | {r['kernel_ms']:.3f} "
+                              f"| {r['call_ms']:.3f} | {r['copy_ms']:.3f} | {r['copy_ms'] / r['kernel_ms']:.2f} | "
+                              f"{r['copy_ms'] / r['call_ms']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -84,11 +84,17 @@ def masked_apply_(
 
 
 def masked_gather(weight: torch.Tensor, packed: torch.Tensor, impl: str | None = None) -> torch.Tensor:
-    """The elements of ``weight`` at the masked positions, in flat order, as a new tensor (numba on CPU where
-    installed, else torch; ``impl`` as for :func:`masked_apply_`, where "triton" means torch on CUDA)."""
+    """The elements of ``weight`` at the masked positions, in flat order, as a new tensor (Triton on CUDA, numba on
+    CPU where installed, else torch; ``impl`` as for :func:`masked_apply_`)."""
     choice = _choice(impl)
     packed = packed.to(weight.device)
-    nb = _numba(weight, "auto" if choice == "triton" else choice)
+    if choice in ("auto", "triton"):
+        tri = triton_kernel("masked_apply_triton", weight.device, choice == "triton",
+                            f"impl='triton' cannot run: {{}}; or use impl='torch' / {IMPL_ENV}=torch",
+                            "the weight is")
+        if tri is not None:
+            return tri.masked_gather_triton(weight, packed)
+    nb = _numba(weight, choice)
     if nb is not None:
         return nb.masked_gather(weight, packed)
     return masked_apply_torch.masked_gather(weight, packed).clone()

@@ -8,11 +8,13 @@ environment when this module is first imported, because Triton picks interpreted
 ``@triton.jit`` runs (``is_interpreted()`` says which one this process got).
 
 How the sparse values find their slots without unpacking the mask in memory: each program owns ``BLOCK``
-consecutive elements (``BLOCK // 8`` mask bytes). The host computes the popcount of every block from the
-packed bytes and an exclusive prefix sum of those counts, which is where the block's run of ``values`` starts.
-Inside the kernel exclusive cumsums over the block's bits give each set element its rank within the block, so
-element ``i`` reads ``values[block_start[pid] + rank(i)]``. The host work touches n/8 bytes, small next to the
-weight.
+consecutive elements (``BLOCK // 8`` mask bytes). A first kernel counts the set bits of every block from the
+packed bytes (one read of n/8 bytes); an exclusive prefix sum of those counts is where each block's run of
+``values`` starts. Inside the apply kernel an element's rank within its block is the set bits of the earlier
+mask bytes (one cumsum over the block's bytes) plus the set bits below it in its own byte (a popcount), so
+element ``i`` reads ``values[block_start[pid] + rank(i)]``. Popcounts are SWAR bit tricks on int32, which the
+interpreter runs too. On an H200 the counting pass made with torch's elementwise ops cost as much as the apply
+kernel itself, hence its own kernel.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-# 1024 elements = 128 mask bytes per program: big enough to keep a GPU busy per launch slot, small enough that
-# the in-block cumsum stays cheap. Must be a multiple of 8 so a block never splits a mask byte.
-BLOCK = 1024
+# 4096 elements = 512 mask bytes per program, with 4 warps: the best of block 1024-8192 x 2-16 warps measured on an
+# H200 (benchmarks/patch_apply.py --table blocks). Must be a multiple of 8 so a block never splits a mask byte.
+BLOCK = 4096
 _SUPPORTED_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -54,6 +56,48 @@ def _from_float32(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _popcount8(x):
+    """Set bits of each int32 in 0..255 (SWAR: three shifts and masks, no table)."""
+    x = x - ((x >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    return (x + (x >> 4)) & 0x0F
+
+
+@triton.jit
+def _block_count_kernel(packed_ptr, counts_ptr, nbytes, ROWS: tl.constexpr):
+    """counts[pid] = set bits in mask bytes [pid * ROWS, (pid + 1) * ROWS)."""
+    pid = tl.program_id(0)
+    row = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    byte = tl.load(packed_ptr + row, mask=row < nbytes, other=0).to(tl.int32)
+    tl.store(counts_ptr + pid, tl.sum(_popcount8(byte), axis=0))
+
+
+@triton.jit
+def _block_slots(packed_ptr, block_start_ptr, n, BLOCK: tl.constexpr):
+    """For this program's ``BLOCK`` elements, viewed as [BLOCK // 8, 8]: their flat offsets, the index of each
+    one's value in the packed values (meaningful where selected), and which are selected by the mask."""
+    ROWS: tl.constexpr = BLOCK // 8
+    pid = tl.program_id(0)
+    # int64 offsets: weights past 2**31 elements (large embeddings) must not wrap
+    row = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # global mask byte index
+    col = tl.arange(0, 8)
+    offs = row[:, None] * 8 + col[None, :]
+    byte = tl.load(packed_ptr + row, mask=row * 8 < n, other=0).to(tl.int32)
+    row_count = _popcount8(byte)
+    rank = (tl.cumsum(row_count, axis=0) - row_count)[:, None] + _popcount8(byte[:, None] & ((1 << col[None, :]) - 1))
+    # padding bits past n are zero by the format (checked on the host); offs < n makes it certain
+    selected = (((byte[:, None] >> col[None, :]) & 1) != 0) & (offs < n)
+    return offs, tl.load(block_start_ptr + pid) + rank, selected
+
+
+@triton.jit
+def _masked_gather_kernel(w_ptr, packed_ptr, out_ptr, block_start_ptr, n, BLOCK: tl.constexpr):
+    """out[rank of each masked element] = w[element]: the read twin of the apply."""
+    offs, slot, selected = _block_slots(packed_ptr, block_start_ptr, n, BLOCK)
+    tl.store(out_ptr + slot, tl.load(w_ptr + offs, mask=selected), mask=selected)
+
+
+@triton.jit
 def _masked_apply_kernel(
     w_ptr,  # weight, contiguous, n elements; written in place
     packed_ptr,  # uint8 mask, ceil(n / 8) bytes, little-endian bit order
@@ -67,24 +111,12 @@ def _masked_apply_kernel(
 
     The block is viewed as [BLOCK // 8, 8]: row r is mask byte r, column c its bit c, so each byte is loaded
     once and each row covers 8 consecutive weight elements. The rank of a set element within the block is (set
-    bits in earlier rows) + (set bits earlier in its row), two exclusive cumsums. Replace never reads the
-    weight; only masked elements are loaded (add) and stored.
+    bits in earlier rows: an exclusive cumsum of the rows' popcounts) + (set bits below it in its row: the
+    popcount of the byte masked below bit c). Replace never reads the weight; only masked elements are loaded
+    (add) and stored.
     """
-    ROWS: tl.constexpr = BLOCK // 8
-    pid = tl.program_id(0)
-    # int64 offsets: weights past 2**31 elements (large embeddings) must not wrap
-    row = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # global mask byte index
-    col = tl.arange(0, 8)
-    offs = row[:, None] * 8 + col[None, :]
-    in_range = offs < n
-    byte = tl.load(packed_ptr + row, mask=row * 8 < n, other=0).to(tl.int32)
-    bit = (byte[:, None] >> col[None, :]) & 1
-    bit = tl.where(in_range, bit, 0)  # padding bits past n are zero by the format; this makes it certain
-    row_count = tl.sum(bit, axis=1)
-    rank = (tl.cumsum(row_count, axis=0) - row_count)[:, None] + (tl.cumsum(bit, axis=1) - bit)
-    selected = bit != 0
-    base = tl.load(block_start_ptr + pid)
-    v = tl.load(values_ptr + base + rank, mask=selected, other=0.0)
+    offs, slot, selected = _block_slots(packed_ptr, block_start_ptr, n, BLOCK)
+    v = tl.load(values_ptr + slot, mask=selected, other=0.0)
     w_dtype: tl.constexpr = w_ptr.dtype.element_ty
     if ADD:
         w = tl.load(w_ptr + offs, mask=selected, other=0.0)
@@ -108,17 +140,54 @@ def is_interpreted() -> bool:
 
 
 def _block_popcounts(packed: torch.Tensor, num_blocks: int, block: int) -> torch.Tensor:
-    """int32 set-bit count of each ``block``-element slice of the mask, from the packed bytes only.
+    """int32 set-bit count of each ``block``-element slice of the mask, from the packed bytes only."""
+    counts = torch.empty(num_blocks, dtype=torch.int32, device=packed.device)
+    _block_count_kernel[(num_blocks,)](packed, counts, packed.numel(), ROWS=block // 8)
+    return counts
 
-    Byte-wise SWAR popcount (no 256-entry table gather, whose int64 index would be 8x the mask size).
-    """
-    bytes_per_block = block // 8
-    pad = num_blocks * bytes_per_block - packed.numel()
-    x = torch.nn.functional.pad(packed, (0, pad)) if pad else packed
-    x = x - ((x >> 1) & 0x55)
-    x = (x & 0x33) + ((x >> 2) & 0x33)
-    x = (x + (x >> 4)) & 0x0F
-    return x.view(num_blocks, bytes_per_block).sum(dim=1, dtype=torch.int32)
+
+def _block_starts(packed: torch.Tensor, num_blocks: int, block: int) -> tuple[torch.Tensor, int]:
+    """Where each block's run of values starts (exclusive prefix sum of its set bits), and the total (one host
+    sync: callers validate it before writing anything)."""
+    counts = _block_popcounts(packed, num_blocks, block)
+    block_start = torch.cumsum(counts, dim=0, dtype=torch.int64)
+    nnz = int(block_start[-1])
+    return block_start.sub_(counts), nnz
+
+
+def _check_mask(weight: torch.Tensor, packed: torch.Tensor, block: int) -> torch.Tensor:
+    """The packed mask on the weight's device, after the checks both kernels need."""
+    if not weight.is_contiguous():
+        raise ValueError(
+            "the Triton masked kernels address the row-major flatten of the weight, so they need a contiguous "
+            "tensor; patches are applied to contiguous checkpoint tensors (call .contiguous() and copy back)"
+        )
+    if weight.dtype not in _SUPPORTED_WEIGHT_DTYPES:
+        raise ValueError(f"weight dtype must be float32, bfloat16 or float16, got {weight.dtype}")
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed mask must be uint8, got {packed.dtype}")
+    if block <= 0 or block % 8 or block & (block - 1):
+        raise ValueError(f"block must be a power of two and a multiple of 8, got {block}")
+    n = weight.numel()
+    if packed.numel() != (n + 7) // 8:
+        raise ValueError(f"packed mask has {packed.numel()} bytes; {n} elements need {(n + 7) // 8}")
+    if n % 8 and int(packed[-1]) >> (n % 8):  # block counts include them, the kernels would not touch them
+        raise ValueError("packed mask has bits set past the last element (padding bits must be zero)")
+    return packed.to(weight.device).contiguous()
+
+
+def masked_gather_triton(weight: torch.Tensor, packed: torch.Tensor, *, block: int = BLOCK) -> torch.Tensor:
+    """Triton version of ``masked_apply_torch.masked_gather``: the masked elements in flat order, as a new
+    tensor (what an apply must keep to be undone)."""
+    packed = _check_mask(weight, packed, block)
+    num_blocks = triton.cdiv(weight.numel(), block)
+    if num_blocks == 0:
+        return weight.new_empty(0)
+    block_start, nnz = _block_starts(packed, num_blocks, block)
+    out = weight.new_empty(nnz)
+    if nnz:
+        _masked_gather_kernel[(num_blocks,)](weight, packed, out, block_start, weight.numel(), BLOCK=block)
+    return out
 
 
 def masked_apply_triton_(
@@ -128,48 +197,31 @@ def masked_apply_triton_(
     mode: str = "replace",
     *,
     block: int = BLOCK,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Triton version of ``masked_apply_torch.masked_apply_`` (same arguments, same result, same errors).
 
     ``block`` is exposed for the interpreter tests, where a small block keeps odd sizes spanning several
-    programs; leave it at the default on a GPU.
+    programs, and with ``num_warps`` for tuning on a GPU.
     """
     if mode not in ("replace", "add"):
         raise ValueError(f"mode must be 'replace' or 'add', got {mode!r}")
-    if not weight.is_contiguous():
-        raise ValueError(
-            "masked_apply_triton_ writes the row-major flatten of the weight in place, so it needs a "
-            "contiguous tensor; patches are applied to contiguous checkpoint tensors (call .contiguous() and "
-            "copy back)"
-        )
-    if weight.dtype not in _SUPPORTED_WEIGHT_DTYPES:
-        raise ValueError(f"weight dtype must be float32, bfloat16 or float16, got {weight.dtype}")
     if not values.is_floating_point():
         raise ValueError(f"values must be a float tensor, got {values.dtype}")
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"packed mask must be uint8, got {packed.dtype}")
-    if block <= 0 or block % 8 or block & (block - 1):
-        raise ValueError(f"block must be a power of two and a multiple of 8, got {block}")
+    packed = _check_mask(weight, packed, block)
     n = weight.numel()
-    if packed.numel() != (n + 7) // 8:
-        raise ValueError(f"packed mask has {packed.numel()} bytes; {n} elements need {(n + 7) // 8}")
-    if n % 8 and int(packed[-1]) >> (n % 8):  # block counts include them, the kernel would not write them
-        raise ValueError("packed mask has bits set past the last element (padding bits must be zero)")
-    packed = packed.to(weight.device).contiguous()
     values = values.to(weight.device).reshape(-1).contiguous()
     num_blocks = triton.cdiv(n, block)
     if num_blocks == 0:
         if values.numel():
             raise ValueError(f"mask selects 0 elements but {values.numel()} values were given")
         return weight
-    counts = _block_popcounts(packed, num_blocks, block)
-    block_start = torch.cumsum(counts, dim=0, dtype=torch.int64)
-    nnz = int(block_start[-1])  # one host sync, needed to validate before writing anything
+    block_start, nnz = _block_starts(packed, num_blocks, block)
     if nnz != values.numel():
         raise ValueError(f"mask selects {nnz} elements but {values.numel()} values were given")
     if nnz == 0:
         return weight
-    block_start -= counts
     grid = (num_blocks,)
-    _masked_apply_kernel[grid](weight, packed, values, block_start, n, BLOCK=block, ADD=mode == "add")
+    _masked_apply_kernel[grid](weight, packed, values, block_start, n, BLOCK=block, ADD=mode == "add",
+                                 num_warps=num_warps)
     return weight
