@@ -69,11 +69,15 @@ def _transformers_tokens(model_dir, patch):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     apply_patch(model, patch)
     out = []
-    for prompt in PROMPTS:
-        ids = tok(prompt, return_tensors="pt")
+    for prompt in PROMPTS:  # greedy, end-of-sequence included like vLLM's ignore_eos
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        new = []
         with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False)
-        out.append(gen[0, ids["input_ids"].shape[1]:].tolist())
+            for _ in range(TOKENS):
+                nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+                new.append(nxt)
+                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        out.append(new)
     return out
 
 
