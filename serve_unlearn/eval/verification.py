@@ -219,11 +219,11 @@ def verify_patched(*, model, tokenizer, patch: str | os.PathLike, probes: Mappin
     t0 = time.perf_counter()
     fingerprint = model_fingerprint(model)
     base = evaluate(LocalTarget(model, tokenizer, "base"), sets, config, progress=progress)
-    applied = apply_patch(model, patch)
+    undo = apply_patch(model, patch)
     try:
         cand = evaluate(LocalTarget(model, tokenizer, "candidate"), sets, config, progress=progress)
     finally:
-        revert_patch(model, applied)
+        revert_patch(model, patch, undo=undo)
     if model_fingerprint(model) != fingerprint:
         raise EvidenceError("the base model changed while the patch was evaluated; nothing was recorded")
     return _record(policy, sets, config, base, cand, fingerprint, {"patch": {"files": files, "digest": digest}},

@@ -199,26 +199,40 @@ def test_a_killed_api_process_loses_nothing(service):
     assert service.wait_for(filed["id"], {"in_force", "failed"})["status"] == "in_force"
 
 
-def test_a_salun_filing_becomes_a_patch_in_the_registry_folder(service):
-    """Without servers the patch is in force at once; its file and manifest are the filing's result."""
+def test_salun_and_iau_filings_become_patches_in_the_registry_folder(service):
+    """Without servers a patch is in force as soon as it is made; its file, manifest and verification are the
+    filing's result."""
     from serve_unlearn.patches import WeightPatch
     from serve_unlearn.registry.integrity import file_sha256
 
     status, _, filed = service.call("POST", "/v1/forget-requests", {
         "name": "salun-chem", "method": "salun", "records": _records(CHEMISTRY, 8) + [{"text": "NaCl is salt."}],
-        "retain": _records(ANIMALS, 4), "config": {"epochs": 1, "batch_size": 4, "ratio": 0.1}})
+        "retain": _records(ANIMALS, 4), "config": {"epochs": 1, "batch_size": 4, "ratio": 0.1},
+        "probes": _probes(3)})
     assert status == 202, filed
+    status, _, iau = service.call("POST", "/v1/forget-requests", {
+        "name": "iau-chem", "method": "iau", "records": _records(CHEMISTRY, 8), "retain": _records(ANIMALS, 4),
+        "config": {"mask_ratio": 0.05, "batch_size": 4}})
+    assert status == 202, iau
     done = service.wait_for(filed["id"], {"in_force", "failed"})
     assert done["status"] == "in_force", done["error"]
     assert done["records"] == 9 and done["retain"] == 4 and done["attempts"] == 1
-    assert done["progress"] == {"phase": "training", "step": 3, "total": 3}
+    assert done["progress"] == {"phase": "verification", "step": 0, "total": 1}
+    assert done["result"]["verification"]["passed"], done["result"]["verification"]
     rel = done["result"]["patch"]
-    path = service.folder / "registry" / rel
-    assert done["result"]["artifacts"] == {rel: file_sha256(path)}
-    patch = WeightPatch.load(path)
+    folder = service.folder / "registry" / rel.rsplit("/", 1)[0]
+    assert done["result"]["artifacts"] == {f"{rel.rsplit('/', 1)[0]}/{p.name}": file_sha256(p)
+                                           for p in sorted(folder.iterdir())}
+    assert {p.name for p in folder.iterdir()} == {"patch.safetensors", "verification.json"}
+    patch = WeightPatch.load(folder / "patch.safetensors")
     assert patch.metadata["method"] == "salun" and patch.patch_id == done["result"]["patch_id"]
-    status, _, retired = service.call("DELETE", f"/v1/forget-requests/{filed['id']}")
-    assert status == 200 and retired["status"] == "retired"
+    done = service.wait_for(iau["id"], {"in_force", "failed"})
+    assert done["status"] == "in_force", done["error"]
+    assert done["progress"] == {"phase": "gradients", "step": 3, "total": 3}
+    assert WeightPatch.load(service.folder / "registry" / done["result"]["patch"]).metadata["method"] == "iau-masked"
+    for rid in (filed["id"], iau["id"]):
+        status, _, retired = service.call("DELETE", f"/v1/forget-requests/{rid}")
+        assert status == 200 and retired["status"] == "retired"
 
 
 def _probes(n_forget):
