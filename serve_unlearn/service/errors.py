@@ -16,6 +16,7 @@ from ..errors import (
     ArtifactError,
     ConflictError,
     RegistryError,
+    ServerError,
     ServeUnlearnError,
     UnknownRequestError,
     UnlearnConfigError,
@@ -29,6 +30,7 @@ STATUS_OF: tuple[tuple[type[ServeUnlearnError], int], ...] = (
     (UnlearnConfigError, 422),
     (ArtifactError, 409),
     (RegistryError, 503),
+    (ServerError, 502),  # a vLLM server did not take a change (e.g. a retire's revert): not the caller's fault
 )
 
 
