@@ -57,8 +57,8 @@ class Publisher:
         moved = []
         if any(j.method not in PATCH_METHODS for j in ready) or self._behind():
             moved += self._step_o3()
-        if (any(j.method in PATCH_METHODS for j in ready) or self.patches.dirty or self.patches.errors
-                or self.patches.in_force()):
+        if any(j.method in PATCH_METHODS for j in ready) or (self.servers and (
+                self.patches.dirty or self.patches.errors or self.patches.in_force())):
             moved += self._step_patches()
         return moved
 
