@@ -65,19 +65,28 @@ def load_for_patch(model_dir: str, forget_target: str, y_max: int | None, *,
 
 def compute_patch(method: str, model, task, forget: Any, retain: Any | None, config: SalUnConfig | IAUConfig, *,
                   patch_dtype=None, progress: bool = True, on_step: OnStep | None = None, **meta: Any):
-    """The method's :class:`WeightPatch` (``model`` is left as it was). ``on_step(phase, step, total)`` is called
-    as the work advances (it may raise to stop it; the model is restored then too)."""
-    if method == "salun":
-        from .salun import salun
-
-        return salun(model, task, forget, retain, config, patch_dtype=patch_dtype, progress=progress,
-                     on_step=on_step, **meta)
-    if method != "iau":
+    """The method's :class:`WeightPatch` (``model`` is left as it was, ``requires_grad`` flags included: a model
+    that was frozen elsewhere, e.g. by peft for an adapter, gets its gradients here). ``on_step(phase, step,
+    total)`` is called as the work advances (it may raise to stop it; the model is restored then too)."""
+    if method not in METHODS:
         raise ServeUnlearnError(f"unknown patch method {method!r}; one of {sorted(METHODS)}")
-    from .iau import iau
-
-    if retain is None:
+    if method == "iau" and retain is None:
         raise UnlearnDataError("iau needs retain data: its gradient correction uses it (CLI --retain; a filing's "
                                "\"retain\" records)")
-    return iau(model, task, forget, retain, config, patch_dtype=patch_dtype, progress=progress, on_step=on_step,
-               **meta)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        if p.is_floating_point():
+            p.requires_grad_(True)
+    try:
+        if method == "salun":
+            from .salun import salun
+
+            return salun(model, task, forget, retain, config, patch_dtype=patch_dtype, progress=progress,
+                         on_step=on_step, **meta)
+        from .iau import iau
+
+        return iau(model, task, forget, retain, config, patch_dtype=patch_dtype, progress=progress,
+                   on_step=on_step, **meta)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
