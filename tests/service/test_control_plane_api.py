@@ -153,6 +153,32 @@ def test_multipart_jsonl_upload_files_a_request(service):
     service.call("DELETE", f"/v1/forget-requests/{filed['id']}")
 
 
+def _multipart(parts: dict, files: dict) -> tuple[bytes, dict]:
+    boundary = "----serveunlearn"
+    body = "".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+                   for k, v in parts.items())
+    for key, records in files.items():
+        jsonl = "\n".join(json.dumps(r) for r in records)
+        body += (f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"; filename="{key}.jsonl"\r\n'
+                 f"Content-Type: application/jsonl\r\n\r\n{jsonl}\r\n")
+    return (body + f"--{boundary}--\r\n").encode(), {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_multipart_iau_filing_takes_its_retain_records_as_a_second_file(service):
+    before = len(service.call("GET", "/v1/forget-requests")[2]["data"])
+    raw, headers = _multipart({"name": "iau-upload", "method": "iau"}, {"file": _records(CHEMISTRY, 6)})
+    status, _, body = service.call("POST", "/v1/forget-requests", raw=raw, headers=headers)
+    assert status == 422 and "needs retain" in body["error"]["message"], body
+    _nothing_recorded(service, before)
+    raw, headers = _multipart({"name": "iau-upload", "method": "iau"},
+                              {"file": _records(CHEMISTRY, 6), "retain_file": _records(ANIMALS, 3)})
+    status, _, filed = service.call("POST", "/v1/forget-requests", raw=raw, headers=headers)
+    assert status == 202, filed
+    got = service.call("GET", f"/v1/forget-requests/{filed['id']}")[2]
+    assert got["method"] == "iau" and got["records"] == 6 and got["retain"] == 3
+    assert service.call("DELETE", f"/v1/forget-requests/{filed['id']}")[0] == 200
+
+
 def test_a_killed_worker_costs_one_attempt_and_loses_nothing(service):
     earlier = {r["id"]: r["status"] for r in service.call("GET", "/v1/forget-requests")[2]["data"]}
     status, _, filed = service.call("POST", "/v1/forget-requests",
