@@ -211,6 +211,8 @@ def _event_ms(fn, reps: int = 20) -> float:
 
 
 def bench_blocks(numel: int, dtype: torch.dtype, density: float) -> list[dict]:
+    from triton import cdiv
+
     from serve_unlearn.kernels import masked_apply_triton as tri
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -222,10 +224,10 @@ def bench_blocks(numel: int, dtype: torch.dtype, density: float) -> list[dict]:
     copy_ms = _event_ms(lambda: weight.copy_(other))
     rows = []
     for block in (1024, 2048, 4096, 8192):
-        starts, _ = tri._block_starts(packed, triton_cdiv(numel, block), block)
+        starts, _ = tri._block_starts(packed, cdiv(numel, block), block)
         for warps in (2, 4, 8):
             def kernel(block=block, warps=warps, starts=starts):
-                tri._masked_apply_kernel[(triton_cdiv(numel, block),)](weight, packed, values, starts, numel,
+                tri._masked_apply_kernel[(cdiv(numel, block),)](weight, packed, values, starts, numel,
                                                                        BLOCK=block, ADD=False, num_warps=warps)
 
             def call(block=block, warps=warps):
@@ -234,10 +236,6 @@ def bench_blocks(numel: int, dtype: torch.dtype, density: float) -> list[dict]:
             rows.append({"block": block, "warps": warps, "kernel_ms": _event_ms(kernel), "call_ms": _event_ms(call),
                          "copy_ms": copy_ms})
     return rows
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def main(argv=None) -> None:

@@ -143,6 +143,11 @@ def _manifest(folder: str | os.PathLike, prefix: str) -> dict[str, Any]:
     files = folder_manifest(Path(folder), prefix)
     if not files:
         raise EvalDataError(f"artifact folder {folder} holds no files")
+    return _digested(files)
+
+
+def _digested(files: dict[str, str]) -> dict[str, Any]:
+    """An artifact's file digests and one digest over them (what the record names the artifact by)."""
     digest = hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return {"files": files, "digest": digest}
 
@@ -211,9 +216,7 @@ def verify_patched(*, model, tokenizer, patch: str | os.PathLike, probes: Mappin
 
     policy = policy or VerificationPolicy()
     sets = _probe_sets(probes)
-    name = f"patch/{Path(patch).name}"
-    files = {name: file_sha256(patch)}
-    digest = hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    artifact = _digested({f"patch/{Path(patch).name}": file_sha256(patch)})
     config = EvalConfig(max_new_tokens=policy.max_new_tokens, batch_size=policy.batch_size,
                         probabilities=policy.probabilities, n_boot=policy.n_boot)
     t0 = time.perf_counter()
@@ -226,7 +229,7 @@ def verify_patched(*, model, tokenizer, patch: str | os.PathLike, probes: Mappin
         revert_patch(model, patch, undo=undo)
     if model_fingerprint(model) != fingerprint:
         raise EvidenceError("the base model changed while the patch was evaluated; nothing was recorded")
-    return _record(policy, sets, config, base, cand, fingerprint, {"patch": {"files": files, "digest": digest}},
+    return _record(policy, sets, config, base, cand, fingerprint, {"patch": artifact},
                    {}, request, t0)
 
 

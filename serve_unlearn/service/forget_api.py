@@ -24,10 +24,9 @@ from ..registry import ForgetQueue, Job, check_name
 from ..registry.queue import STATUSES
 from .auth import AdminAuth
 from .errors import ApiError
-from .patch_jobs import PATCH_METHODS
 from .worker import forget_config
 
-METHODS = ("o3", *PATCH_METHODS)  # salun, iau: a weight patch, applied live on every server
+METHODS = ("o3", *PATCH_CONFIGS)  # salun, iau: a weight patch, applied live on every server
 MIN_DISTINCT_PROMPTS = 12  # the detector's minimum: fit on 8, calibrate on 4 held out
 FIELDS = ("name", "method", "records", "retain", "config", "probes")
 
@@ -170,7 +169,7 @@ def validate_filing(filing: dict, config, max_records: int) -> dict:
     if count > max_records:
         raise ApiError(413, f"{count} records; a filing takes at most {max_records} "
                        "(max_records)", "RequestTooLarge")
-    if method in PATCH_METHODS:
+    if method in PATCH_CONFIGS:
         clean, retain, overrides, merged = _patch_filing(method, records, retain, filing.get("config"), config)
     else:
         if retain is not None:
